@@ -1,0 +1,115 @@
+"""run_distributed(fn, world_size): spawn real gloo ranks on a free port.
+
+Each rank runs fn(rank, world_size, *args) inside an initialised gloo process
+group and puts its return value (which must be picklable) in the result list.
+A rank that raises makes the whole call raise with that rank's traceback; a
+hang is cut off after `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, results, pg_timeout):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=pg_timeout),
+        )
+        out = fn(rank, world_size, *args)
+        results.put((rank, True, out))
+    except BaseException:  # report every failure, including SystemExit
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 180.0,
+    pg_timeout: float = 60.0,
+) -> list[Any]:
+    """Run fn on world_size gloo ranks; return the per-rank results in rank order.
+
+    fn must be importable at module level (spawn pickles it by name).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(r, world_size, port, fn, args, results, pg_timeout),
+            daemon=True,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outs: dict[int, Any] = {}
+    errors: list[str] = []
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    try:
+        while len(outs) + len(errors) < world_size:
+            left = (deadline - datetime.datetime.now()).total_seconds()
+            if left <= 0:
+                raise TimeoutError(
+                    f"run_distributed: {world_size - len(outs) - len(errors)} rank(s) still "
+                    f"running after {timeout:.0f}s (hang?); errors so far: {errors}"
+                )
+            try:
+                rank, ok, payload = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    raise RuntimeError(
+                        f"run_distributed: rank process died with exit code {dead[0].exitcode}"
+                    ) from None
+                continue
+            if ok:
+                outs[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+                # one failed rank usually leaves the others blocked in a collective
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("run_distributed: a rank failed\n" + "\n".join(errors))
+    return [outs[r] for r in range(world_size)]
