@@ -33,6 +33,10 @@ class MoEConfig:
     activation: str = "gelu"
     renormalize: bool = True
     jitter_eps: float = 0.0
+    # Model-level placement: MoE replaces the FFN of every n-th block (0: dense model).
+    every: int = 1
+    # A dense expert every token goes through, beside the routed ones (0: none).
+    shared_expert_d_ff: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,6 +74,10 @@ class MoEConfig:
                 "expert_choice needs a capacity (each expert takes capacity_factor*T/E tokens); "
                 "set e.g. capacity_factor=1.0",
             )
+        if not isinstance(self.every, int) or self.every < 0:
+            raise bad("every", self.every, "use 0 (dense model) or n >= 1 (MoE every n-th block)")
+        if not isinstance(self.shared_expert_d_ff, int) or self.shared_expert_d_ff < 0:
+            raise bad("shared_expert_d_ff", self.shared_expert_d_ff, "use 0 (none) or a width >= 1")
         for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps"):
             v = getattr(self, name)
             if not _is_number(v) or v < 0:
