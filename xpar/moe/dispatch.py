@@ -1,0 +1,166 @@
+"""Dispatchers: move routed rows to the experts that own them and back.
+
+LocalDispatcher: one process holds every expert (sort-based permutation, no
+one-hot [T, E, C] tensors). AllToAllDispatcher: experts sharded over an EP
+group; per-expert counts are exchanged first, then rows travel with
+all_to_all_single (uneven splits) and come back the same way. The only module
+in xpar/moe that talks to other ranks.
+
+Legend: T tokens, D model dim, E experts, e local experts, P EP ranks,
+A kept assignments (rows this rank sends), R rows this rank's experts compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from xpar.errors import XparConfigError, XparDistributedError
+from xpar.moe.router import RoutingPlan
+
+
+@dataclass
+class DispatchState:
+    counts_e: list[int]  # rows per local expert, as the experts see them
+    perm_R: torch.Tensor | None = None  # received (source, expert) order -> (expert, source)
+    send_splits: list[int] | None = None
+    recv_splits: list[int] | None = None
+
+
+def combine_rows(out_AD: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:
+    """Weighted scatter-add of expert outputs back onto their tokens."""
+    w_A1 = plan.weight_A.to(out_AD.dtype).unsqueeze(1)
+    y_TD = out_AD.new_zeros(num_tokens, out_AD.shape[1])
+    return y_TD.index_add(0, plan.token_idx_A, out_AD * w_A1)
+
+
+class LocalDispatcher:
+    ep_size = 1
+    ep_rank = 0
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DispatchState]:
+        rows_AD = x_TD.index_select(0, plan.token_idx_A)
+        return rows_AD, DispatchState(counts_e=plan.counts_E.tolist())
+
+    def combine(
+        self, out_RD: torch.Tensor, state: DispatchState, plan: RoutingPlan
+    ) -> torch.Tensor:
+        return combine_rows(out_RD, plan, plan.num_tokens)
+
+    def sum_over_group(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class AllToAllDispatcher:
+    """Experts [i*e, (i+1)*e) live on rank i of `group`."""
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup | None):
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        if num_experts % self.ep_size != 0:
+            raise XparConfigError(
+                f"moe.num_experts={num_experts} is not divisible by the expert-parallel size "
+                f"{self.ep_size}; choose an ep_size that divides {num_experts}"
+            )
+        self.num_experts = num_experts
+        self.num_local = num_experts // self.ep_size
+        self._checked: set[tuple] = set()
+
+    def _check_agreement(self, x_TD: torch.Tensor) -> None:
+        """Once per shape: all ranks must agree on E and D, else the count
+        exchange would hang or return garbage. Fails loudly instead."""
+        key = (x_TD.shape[1], x_TD.dtype)
+        if key in self._checked:
+            return
+        mine = torch.tensor([self.num_experts, x_TD.shape[1]], dtype=torch.long)
+        if x_TD.device.type != "cpu":
+            mine = mine.to(x_TD.device)
+        everyone = [torch.empty_like(mine) for _ in range(self.ep_size)]
+        dist.all_gather(everyone, mine, group=self.group)
+        seen = [tuple(t.tolist()) for t in everyone]
+        if len(set(seen)) != 1:
+            table = ", ".join(f"rank {r}: E={e} D={d}" for r, (e, d) in enumerate(seen))
+            raise XparDistributedError(
+                "expert-parallel ranks disagree about the MoE layer (num_experts, d_model): "
+                f"{table}; every rank of an EP group must build the same layer"
+            )
+        self._checked.add(key)
+
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DispatchState]:
+        self._check_agreement(x_TD)
+        P, e = self.ep_size, self.num_local
+        rows_AD = x_TD.index_select(0, plan.token_idx_A)  # sorted by expert, so by rank
+        send_counts_Pe = plan.counts_E.view(P, e)
+        recv_counts_Pe = torch.empty_like(send_counts_Pe)
+        dist.all_to_all_single(recv_counts_Pe, send_counts_Pe, group=self.group)
+        counts_all = torch.stack([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()
+        send_splits, recv_splits = counts_all
+        rows_RD = dist_fn.all_to_all_single(
+            x_TD.new_empty(sum(recv_splits), x_TD.shape[1]),
+            rows_AD,
+            output_split_sizes=recv_splits,
+            input_split_sizes=send_splits,
+            group=self.group,
+        )
+        perm_R = None
+        if e > 1 and P > 1:
+            # Received as [source rank][local expert]; experts want [local expert][source].
+            seg_R = torch.repeat_interleave(
+                torch.arange(P * e, device=x_TD.device), recv_counts_Pe.reshape(-1)
+            )
+            key_R = (seg_R % e) * P + seg_R // e
+            perm_R = torch.argsort(key_R, stable=True)
+            rows_RD = rows_RD.index_select(0, perm_R)
+        state = DispatchState(
+            counts_e=recv_counts_Pe.sum(0).tolist(),
+            perm_R=perm_R,
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+        )
+        return rows_RD, state
+
+    def combine(
+        self, out_RD: torch.Tensor, state: DispatchState, plan: RoutingPlan
+    ) -> torch.Tensor:
+        if state.perm_R is not None:
+            inv_R = torch.empty_like(state.perm_R)
+            inv_R[state.perm_R] = torch.arange(state.perm_R.numel(), device=inv_R.device)
+            out_RD = out_RD.index_select(0, inv_R)
+        out_AD = dist_fn.all_to_all_single(
+            out_RD.new_empty(sum(state.send_splits), out_RD.shape[1]),
+            out_RD,
+            output_split_sizes=state.send_splits,
+            input_split_sizes=state.recv_splits,
+            group=self.group,
+        )
+        return combine_rows(out_AD, plan, plan.num_tokens)
+
+    def sum_over_group(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+
+def make_dispatcher(num_experts: int, ep_group) -> LocalDispatcher | AllToAllDispatcher:
+    """ep_group: a ProcessGroup; None for the whole world when torch.distributed is
+    initialised (else this process alone); "local" for this process alone."""
+    if isinstance(ep_group, str):
+        if ep_group != "local":
+            raise XparConfigError(
+                f"ep_group={ep_group!r} is invalid: use a ProcessGroup, None or 'local'"
+            )
+        return LocalDispatcher(num_experts)
+    if ep_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return LocalDispatcher(num_experts)
+        ep_group = dist.group.WORLD
+    if dist.get_world_size(ep_group) == 1:
+        return LocalDispatcher(num_experts)
+    return AllToAllDispatcher(num_experts, ep_group)

@@ -1,0 +1,92 @@
+"""MoELayer = router + dispatcher + grouped experts (+ optional shared expert).
+
+Legend: T tokens, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from xpar.moe.config import MoEConfig
+from xpar.moe.dispatch import make_dispatcher
+from xpar.moe.experts import GroupedExperts, expert_mlp
+from xpar.moe.router import build_router
+
+
+@dataclass
+class MoEAux:
+    """What one MoE layer reports. `loss` is already weighted: add it to the task loss."""
+
+    loss: torch.Tensor
+    lb_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # [E], over the EP group, before dropping
+    dropped_fraction: torch.Tensor
+    router_entropy: torch.Tensor
+
+
+class SharedExpert(nn.Module):
+    """A dense MLP every token goes through, next to the routed experts."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, init_std: float = 0.02):
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.randn(d_model, d_ff) * init_std)
+        self.w2 = nn.Parameter(torch.randn(d_ff, d_model) * init_std)
+        self.w3 = (
+            nn.Parameter(torch.randn(d_model, d_ff) * init_std) if activation == "swiglu" else None
+        )
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return expert_mlp(x_TD, self.w1, self.w2, self.w3, self.activation)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.d_model = d_model
+        self.router = build_router(d_model, cfg)
+        self.dispatcher = make_dispatcher(cfg.num_experts, ep_group)
+        num_local = cfg.num_experts // self.dispatcher.ep_size
+        self.experts = GroupedExperts(
+            cfg.num_experts,
+            d_model,
+            cfg.d_ff,
+            cfg.activation,
+            first=self.dispatcher.ep_rank * num_local,
+            num_local=num_local,
+        )
+        self.shared_expert = (
+            SharedExpert(d_model, cfg.shared_expert_d_ff, cfg.activation)
+            if cfg.shared_expert_d_ff > 0
+            else None
+        )
+
+    @property
+    def ep_size(self) -> int:
+        return self.dispatcher.ep_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        shape = x.shape
+        x_TD = x.reshape(-1, self.d_model)
+        plan = self.router(x_TD, self.cfg.capacity_factor_for(self.training))
+        rows_RD, state = self.dispatcher.dispatch(x_TD, plan)
+        out_RD = self.experts(rows_RD, state.counts_e)
+        y_TD = self.dispatcher.combine(out_RD, state, plan)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD)
+        loss = self.cfg.aux_loss_weight * plan.lb_loss + self.cfg.z_loss_weight * plan.z_loss
+        aux = MoEAux(
+            loss=loss,
+            lb_loss=plan.lb_loss,
+            z_loss=plan.z_loss,
+            tokens_per_expert=self.dispatcher.sum_over_group(plan.tokens_per_expert_E),
+            dropped_fraction=plan.dropped_fraction,
+            router_entropy=plan.entropy,
+        )
+        return y_TD.reshape(shape), aux

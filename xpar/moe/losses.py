@@ -1,0 +1,38 @@
+"""Router losses and routing statistics: pure functions, returned, never stored.
+
+Legend: T tokens, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
+    """Switch load-balancing loss E * sum_i f_i * P_i.
+
+    f_i is the fraction of the T*K assignments that chose expert i (before any drop),
+    P_i the mean router probability of expert i. Uniform routing gives 1.0.
+    """
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    f_E = counts_E / expert_idx_TK.numel()
+    P_E = probs_TE.mean(dim=0)
+    return E * torch.sum(f_E * P_E)
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss mean(logsumexp(logits)^2) (ST-MoE); (ln E)^2 at zero logits."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the per-token routing distribution; a metric, no grad."""
+    if probs_TE.shape[0] == 0:
+        return probs_TE.new_zeros(())
+    p = probs_TE.detach()
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(dim=-1).mean()
