@@ -1,0 +1,156 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xpar.errors import XparConfigError
+from xpar.models.config import ModelConfig
+from xpar.models.transformer import (
+    MoETransformer,
+    apply_rotary,
+    moe_block_ids,
+    rotary_cos_sin,
+)
+from xpar.moe import MoEConfig
+
+DENSE = MoEConfig(every=0)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=48, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_forward_shapes_dense():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(), DENSE)
+    logits, aux = model(torch.randint(0, 48, (3, 20)))
+    assert logits.shape == (3, 20, 48)
+    assert aux == []
+    assert all(not b.is_moe for b in model.blocks)
+
+
+def test_no_biases_and_tied_embeddings():
+    tied = MoETransformer(tiny(tie_embeddings=True), DENSE)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    untied = MoETransformer(tiny(), DENSE)
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    for name, _ in untied.named_parameters():
+        assert "bias" not in name
+
+
+def test_vocab_size_placeholder_refused():
+    with pytest.raises(XparConfigError, match="model.vocab_size=0"):
+        MoETransformer(tiny(vocab_size=0), DENSE)
+
+
+def test_too_long_sequence_refused():
+    model = MoETransformer(tiny(max_seq_len=8), DENSE)
+    with pytest.raises(ValueError, match="model.max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_moe_block_placement():
+    cfg = tiny(n_layers=6)
+    assert moe_block_ids(cfg, MoEConfig(every=0)) == []
+    assert moe_block_ids(cfg, MoEConfig(every=1)) == [0, 1, 2, 3, 4, 5]
+    assert moe_block_ids(cfg, MoEConfig(every=2)) == [1, 3, 5]
+    assert moe_block_ids(cfg, MoEConfig(every=4)) == [3]
+    assert moe_block_ids(cfg, MoEConfig(every=7)) == []
+
+
+def test_expert_choice_refused_in_moe_model_but_fine_when_dense():
+    ec = MoEConfig(router="expert_choice", capacity_factor=1.0, every=1)
+    with pytest.raises(XparConfigError, match="moe.router='expert_choice'.*topk"):
+        MoETransformer(tiny(), ec)
+    ec_dense = MoEConfig(router="expert_choice", capacity_factor=1.0, every=0)
+    MoETransformer(tiny(), ec_dense)  # no MoE block, nothing routes
+
+
+def test_init_std_and_depth_scaled_outputs():
+    torch.manual_seed(0)
+    cfg = tiny(d_model=128, n_heads=4, d_ff=256, n_layers=8, init_std=0.02)
+    model = MoETransformer(cfg, DENSE)
+    out_std = 0.02 / math.sqrt(2 * 8)
+    stds = {n: p.std().item() for n, p in model.named_parameters()}
+    assert stds["blocks.0.attn.wqkv.weight"] == pytest.approx(0.02, rel=0.05)
+    assert stds["blocks.3.ffn.w1.weight"] == pytest.approx(0.02, rel=0.05)
+    assert stds["blocks.3.attn.wo.weight"] == pytest.approx(out_std, rel=0.05)
+    assert stds["blocks.7.ffn.w2.weight"] == pytest.approx(out_std, rel=0.05)
+    assert torch.equal(model.blocks[0].attn_norm.weight, torch.ones(128))
+
+
+def _check_causal(model: torch.nn.Module, vocab: int, L: int = 16) -> None:
+    torch.manual_seed(1)
+    tokens = torch.randint(0, vocab, (2, L))
+    model.eval()
+    with torch.no_grad():
+        base, _ = model(tokens)
+        for t in (0, 5, L - 2):
+            changed = tokens.clone()
+            changed[:, t + 1 :] = (changed[:, t + 1 :] + 1 + torch.arange(L - t - 1)) % vocab
+            out, _ = model(changed)
+            torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=1e-5, atol=1e-5)
+            # and the change is visible at t + 1, so the test could fail
+            assert (out[:, t + 1] - base[:, t + 1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu", "squared_relu", "relu"])
+def test_causal_dense(activation):
+    torch.manual_seed(0)
+    _check_causal(MoETransformer(tiny(activation=activation), DENSE), 48)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    L, K = 24, 16
+    q_K, k_K = torch.randn(K, dtype=torch.float64), torch.randn(K, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(L, K, 10000.0, torch.device("cpu"))
+    q_LK = apply_rotary(q_K.expand(1, 1, L, K), cos, sin)[0, 0]
+    k_LK = apply_rotary(k_K.expand(1, 1, L, K), cos, sin)[0, 0]
+    scores_LL = q_LK @ k_LK.T  # scores[m, n] for query at m, key at n
+    for off in range(-L + 1, L):
+        diag = torch.diagonal(scores_LL, offset=off)
+        torch.testing.assert_close(diag, diag[0].expand_as(diag), rtol=1e-5, atol=1e-5)
+    # position 0 is the identity, rotation keeps norms, and positions are distinguishable
+    torch.testing.assert_close(q_LK[0], q_K)
+    torch.testing.assert_close(q_LK.norm(dim=-1), q_K.norm().expand(L))
+    assert not torch.allclose(scores_LL[0, 0], scores_LL[5, 0])
+
+
+def test_rotary_pairs_rotate_at_theta_frequencies():
+    K, theta = 8, 100.0
+    cos, sin = rotary_cos_sin(4, K, theta, torch.device("cpu"))
+    x = torch.zeros(1, 1, 4, K)
+    x[..., 1] = 1.0  # first coordinate of pair j=1, partner is index 1 + K/2
+    y = apply_rotary(x, cos, sin)[0, 0]
+    freq = theta ** (-2 * 1 / K)
+    for m in range(4):
+        assert y[m, 1].item() == pytest.approx(math.cos(m * freq), abs=1e-6)
+        assert y[m, 1 + K // 2].item() == pytest.approx(math.sin(m * freq), abs=1e-6)
+
+
+def _overfit(model: torch.nn.Module, vocab: int, steps: int = 40) -> tuple[float, float]:
+    torch.manual_seed(0)
+    batch = torch.randint(0, vocab, (4, 17))
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        logits, aux = model(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+        total = loss + sum((a.loss for a in aux), torch.zeros(()))
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_overfit_one_batch_dense():
+    torch.manual_seed(0)
+    first, last = _overfit(MoETransformer(tiny(), DENSE), 48)
+    assert first == pytest.approx(math.log(48), rel=0.1)  # small init -> near-uniform logits
+    assert last < 0.2 * first, (first, last)

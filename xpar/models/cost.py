@@ -1,0 +1,149 @@
+"""Parameter and FLOP cost of a model, from its configs alone.
+
+Notation: V vocab, D d_model, N n_layers, F dense d_ff, E experts, k top_k,
+Fe expert d_ff, Fs shared-expert d_ff, L sequence length, and
+m(act) = 3 matrices for swiglu (w1, w3, w2), else 2 (w1, w2).
+
+Parameters (no biases anywhere):
+    attention per block   4 D^2            (wqkv 3 D^2 + wo D^2)
+    norms per block       2 D              (+ D for the final norm)
+    dense FFN             m(model.act) D F
+    MoE FFN               E D (router) + E m(moe.act) D Fe + m(moe.act) D Fs (shared)
+    embedding             V D              (+ V D LM head unless tied)
+
+active_params: the parameters one token touches. Everything, except that each
+MoE block counts only k routed experts instead of E (router and shared expert
+in full). For expert choice, experts take capacity_factor * T / E tokens each,
+so a token visits capacity_factor experts on average: that replaces k. The
+embedding table counts in full (as it does in total_params).
+
+FLOPs per token (training = forward + backward = 3 x forward):
+    forward = 2 * matmul_active_params + 2 * 2 * N * L * D
+where matmul_active_params = active_params - norm weights - embedding table +
+V D LM head (the embedding is a lookup, not a matmul; the LM head is a matmul,
+tied or not). The router is a matmul and counts. The attention term is
+QK^T and AV over the FULL L x L score matrix per layer (not halved for the
+causal mask): this matches what SDPA's math path and
+torch.utils.flop_counter count, and is an upper bound for flash kernels that
+skip masked tiles. Element-wise work (norms, activations, softmax, rotary)
+is not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from xpar.models.config import ModelConfig
+from xpar.models.transformer import moe_block_ids
+from xpar.moe import MoEConfig
+
+
+def _mats(activation: str) -> int:
+    return 3 if activation == "swiglu" else 2
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    total_params: int
+    active_params: float  # float: expert choice averages capacity_factor experts
+    embedding_params: int  # V D (the lookup table)
+    lm_head_params: int  # V D if untied, else 0 (shared with the embedding)
+    norm_params: int
+    attention_params: int
+    dense_ffn_params: int
+    moe_params: int  # routers + all experts + shared experts, over all MoE blocks
+    params_per_expert: int
+    n_moe_layers: int
+    experts_per_token: float
+    matmul_active_params: float
+    seq_len: int
+    attention_flops_per_token: float  # forward, full L x L
+    forward_flops_per_token: float
+    flops_per_token: float  # training: 3 x forward
+
+
+def model_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> ModelCost:
+    """Parameter counts and FLOPs per token, by the formulas in this module's docstring."""
+    V, D, N = model_cfg.vocab_size, model_cfg.d_model, model_cfg.n_layers
+    n_moe = len(moe_block_ids(model_cfg, moe_cfg))
+    n_dense = N - n_moe
+
+    attention = N * 4 * D * D
+    norms = N * 2 * D + D
+    dense_ffn = n_dense * _mats(model_cfg.activation) * D * model_cfg.d_ff
+    per_expert = _mats(moe_cfg.activation) * D * moe_cfg.d_ff
+    router = moe_cfg.num_experts * D
+    shared = _mats(moe_cfg.activation) * D * moe_cfg.shared_expert_d_ff
+    moe = n_moe * (router + moe_cfg.num_experts * per_expert + shared)
+    embedding = V * D
+    lm_head = 0 if model_cfg.tie_embeddings else V * D
+    total = embedding + lm_head + norms + attention + dense_ffn + moe
+
+    if n_moe == 0:
+        experts_per_token = 0.0
+    elif moe_cfg.router == "expert_choice":
+        experts_per_token = min(float(moe_cfg.capacity_factor), float(moe_cfg.num_experts))
+    else:
+        experts_per_token = float(moe_cfg.top_k)
+    active = total - n_moe * (moe_cfg.num_experts - experts_per_token) * per_expert
+    if float(active).is_integer():
+        active = int(active)
+    matmul_active = active - norms - embedding + V * D  # LM head is a matmul even when tied
+
+    attn_flops = 2 * 2 * N * seq_len * D
+    fwd = 2 * matmul_active + attn_flops
+    return ModelCost(
+        total_params=total,
+        active_params=active,
+        embedding_params=embedding,
+        lm_head_params=lm_head,
+        norm_params=norms,
+        attention_params=attention,
+        dense_ffn_params=dense_ffn,
+        moe_params=moe,
+        params_per_expert=per_expert,
+        n_moe_layers=n_moe,
+        experts_per_token=experts_per_token,
+        matmul_active_params=matmul_active,
+        seq_len=seq_len,
+        attention_flops_per_token=attn_flops,
+        forward_flops_per_token=fwd,
+        flops_per_token=3 * fwd,
+    )
+
+
+def total_params(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> int:
+    return model_cost(model_cfg, moe_cfg, seq_len=1).total_params
+
+
+def active_params(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> float:
+    return model_cost(model_cfg, moe_cfg, seq_len=1).active_params
+
+
+def flops_per_token(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token."""
+    return model_cost(model_cfg, moe_cfg, seq_len).flops_per_token
+
+
+def describe_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> dict:
+    """A flat dict for printing/logging: every ModelCost field plus readable strings."""
+    c = model_cost(model_cfg, moe_cfg, seq_len)
+    out = asdict(c)
+    moe = (
+        f" ({c.n_moe_layers}/{model_cfg.n_layers} MoE blocks, "
+        f"{c.experts_per_token:g}/{moe_cfg.num_experts} experts per token)"
+        if c.n_moe_layers
+        else " (dense)"
+    )
+    out["summary"] = (
+        f"params {_human(c.total_params)} total, {_human(c.active_params)} active{moe}; "
+        f"{_human(c.flops_per_token)}FLOP/token train at seq_len {seq_len}"
+    )
+    return out
+
+
+def _human(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
