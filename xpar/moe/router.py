@@ -112,7 +112,7 @@ class TopKRouter(_RouterBase):
         expert_idx_A = e_A0[a_kept]
         weight_A = w_TK[token_idx_A, k_idx_A]
         counts_E = torch.bincount(expert_idx_A, minlength=E)
-        dropped = 1.0 - a_kept.numel() / max(K * T, 1)
+        dropped = 1.0 - a_kept.numel() / (K * T) if T > 0 else 0.0
         return RoutingPlan(
             token_idx_A=token_idx_A,
             expert_idx_A=expert_idx_A,
