@@ -1,0 +1,141 @@
+"""build_data: the one entry point of the data pipeline.
+
+Cheap to call on every rank, concurrently, before or without torch.distributed: the token
+cache is built once (file lock + atomic rename, see cache.py) and then memory-mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from xpar.data import cache, corpus, packing
+from xpar.data.config import DataConfig
+from xpar.data.loader import Batch, TrainLoader, ValLoader, check_shard
+from xpar.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from xpar.errors import XparConfigError
+
+log = logging.getLogger(__name__)
+
+# Bump when the cached stream format or the document/split rules change.
+CACHE_VERSION = 1
+
+
+@dataclass
+class SplitStats:
+    files: int  # 0 when the split is made within files
+    docs: int
+    tokens: int  # including one eod per document
+    blocks: int  # of seq_len + 1 tokens
+
+
+@dataclass
+class DataStats:
+    corpus: str  # "stdlib" | "files"
+    split_by: str  # "file" | "document"
+    train: SplitStats
+    validation: SplitStats
+    vocab_size: int
+    cache_dir: str
+    cache_hit: bool
+    build_s: float  # time spent building the cache when it was built (by whoever built it)
+    load_s: float  # time this call took
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DataBundle:
+    tokenizer: ByteTokenizer | HFTokenizer
+    train: TrainLoader
+    val: ValLoader
+    stats: DataStats
+
+    def val_batches(self, n: int) -> list[Batch]:
+        return self.val.batches(n)
+
+
+def build_data(
+    cfg: DataConfig, rank: int = 0, world_size: int = 1, micro_batch_size: int = 8
+) -> DataBundle:
+    """Tokenizer, this rank's train and val loaders, and corpus statistics for `cfg`."""
+    t0 = time.perf_counter()
+    cfg.validate()
+    check_shard(rank, world_size, micro_batch_size)
+    tok = build_tokenizer(cfg.tokenizer)
+    corp = corpus.discover_corpus(cfg)
+    root = os.path.abspath(os.path.expanduser(cfg.cache_dir or cache.default_cache_dir()))
+    key = cache.cache_key(
+        {"version": CACHE_VERSION, "corpus": corp.fingerprint(), "tokenizer": tok.fingerprint}
+    )
+
+    def build(tmp: str) -> dict:
+        t_load = time.perf_counter()
+        parts = corpus.load_split_datasets(corp, os.path.join(root, "hf"))
+        t_tok = time.perf_counter()
+        meta: dict = {"tokenizer": tok.fingerprint, "corpus": corp.fingerprint(), "splits": {}}
+        for split, dsets in parts.items():
+            info = packing.write_token_stream(
+                corpus.iter_documents(dsets), tok, os.path.join(tmp, split + ".bin")
+            )
+            meta["splits"][split] = info
+        meta["load_s"] = round(t_tok - t_load, 3)
+        meta["tokenize_s"] = round(time.perf_counter() - t_tok, 3)
+        return meta
+
+    directory, meta, hit = cache.build_or_load(os.path.join(root, "tokens"), key, build)
+    if not hit:
+        log.info(
+            "data: built token cache %s in %.1fs (load %.1fs, tokenize %.1fs)",
+            directory,
+            meta["build_s"],
+            meta["load_s"],
+            meta["tokenize_s"],
+        )
+
+    blocks: dict[str, np.ndarray] = {}
+    split_stats: dict[str, SplitStats] = {}
+    for split in corpus.SPLITS:
+        info = meta["splits"][split]
+        stream = packing.read_token_stream(
+            os.path.join(directory, split + ".bin"), info["dtype"], info["tokens"]
+        )
+        blocks[split] = packing.blocks_view(stream, cfg.seq_len)
+        n_files = len(corp.split_files(split)) if corp.split_by == "file" else 0
+        split_stats[split] = SplitStats(n_files, info["docs"], info["tokens"], len(blocks[split]))
+        if len(blocks[split]) == 0:
+            raise XparConfigError(
+                f"data.seq_len={cfg.seq_len} leaves no {split} block: the {split} split of "
+                f"data.files={list(cfg.files)!r} (max_files={cfg.max_files}) has "
+                f"{info['tokens']} tokens, fewer than seq_len + 1; add data "
+                "(more or larger files, data.max_files=0) or lower data.seq_len"
+            )
+
+    train = TrainLoader(
+        blocks["train"],
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+    )
+    val = ValLoader(
+        blocks["validation"], rank=rank, world_size=world_size, micro_batch_size=micro_batch_size
+    )
+    stats = DataStats(
+        corpus=corp.kind,
+        split_by=corp.split_by,
+        train=split_stats["train"],
+        validation=split_stats["validation"],
+        vocab_size=tok.vocab_size,
+        cache_dir=directory,
+        cache_hit=hit,
+        build_s=float(meta.get("build_s", 0.0)),
+        load_s=round(time.perf_counter() - t0, 3),
+    )
+    return DataBundle(tokenizer=tok, train=train, val=val, stats=stats)
