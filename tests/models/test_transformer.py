@@ -154,3 +154,58 @@ def test_overfit_one_batch_dense():
     first, last = _overfit(MoETransformer(tiny(), DENSE), 48)
     assert first == pytest.approx(math.log(48), rel=0.1)  # small init -> near-uniform logits
     assert last < 0.2 * first, (first, last)
+
+
+MOE = MoEConfig(num_experts=4, top_k=2, d_ff=32, every=2, capacity_factor=None)
+
+
+def test_forward_moe_returns_one_aux_per_moe_block():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(n_layers=4), MOE, ep_group="local")
+    assert [b.is_moe for b in model.blocks] == [False, True, False, True]
+    logits, aux = model(torch.randint(0, 48, (2, 12)))
+    assert logits.shape == (2, 12, 48)
+    assert len(aux) == 2
+    for a in aux:
+        assert a.loss.ndim == 0 and a.loss.requires_grad
+        assert a.tokens_per_expert.shape == (4,)
+        assert a.tokens_per_expert.sum().item() == 2 * 12 * 2  # k assignments per token
+
+
+def test_moe_expert_output_projection_is_depth_scaled():
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=4, top_k=1, d_ff=256, every=1, shared_expert_d_ff=256)
+    model = MoETransformer(tiny(d_model=128, n_layers=8), moe, ep_group="local")
+    layer = model.blocks[0].ffn
+    out_std = 0.02 / math.sqrt(16)
+    assert layer.experts.w1.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.experts.w2.std().item() == pytest.approx(out_std, rel=0.05)
+    assert layer.shared_expert.w2.std().item() == pytest.approx(out_std, rel=0.05)
+    assert layer.router.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_causal_moe_dropless(activation):
+    torch.manual_seed(0)
+    moe = MoEConfig(
+        num_experts=4, top_k=2, d_ff=32, every=1, capacity_factor=None, activation=activation
+    )
+    _check_causal(MoETransformer(tiny(), moe, ep_group="local"), 48)
+
+
+def test_causality_test_catches_capacity_drops():
+    # With a capacity, whether a token keeps its expert depends on the other tokens
+    # in the batch (including later ones). The same check must notice that leak.
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=4, top_k=1, d_ff=32, every=1, capacity_factor=0.5)
+    model = MoETransformer(tiny(), moe, ep_group="local")
+    # _check_causal runs in eval mode, which uses capacity_factor too (no eval override)
+    with pytest.raises(AssertionError):
+        _check_causal(model, 48)
+
+
+def test_overfit_one_batch_moe():
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=4, top_k=2, d_ff=32, every=1, shared_expert_d_ff=16)
+    first, last = _overfit(MoETransformer(tiny(), moe, ep_group="local"), 48)
+    assert last < 0.2 * first, (first, last)

@@ -19,9 +19,9 @@ embedding table counts in full (as it does in total_params).
 
 FLOPs per token (training = forward + backward = 3 x forward):
     forward = 2 * matmul_active_params + 2 * 2 * N * L * D
-where matmul_active_params = active_params - norm weights - embedding table +
-V D LM head (the embedding is a lookup, not a matmul; the LM head is a matmul,
-tied or not). The router is a matmul and counts. The attention term is
+where matmul_active_params = active_params - norm weights - (embedding table
++ untied LM head) + V D: the embedding is a lookup, not a matmul; the LM head
+is one V D matmul, tied or not. The router is a matmul and counts. The attention term is
 QK^T and AV over the FULL L x L score matrix per layer (not halved for the
 causal mask): this matches what SDPA's math path and
 torch.utils.flop_counter count, and is an upper bound for flash kernels that
@@ -88,7 +88,8 @@ def model_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> Mode
     active = total - n_moe * (moe_cfg.num_experts - experts_per_token) * per_expert
     if float(active).is_integer():
         active = int(active)
-    matmul_active = active - norms - embedding + V * D  # LM head is a matmul even when tied
+    # The lookup table is no matmul; the LM head is one, even when it shares that table.
+    matmul_active = active - norms - (embedding + lm_head) + V * D
 
     attn_flops = 2 * 2 * N * seq_len * D
     fwd = 2 * matmul_active + attn_flops
