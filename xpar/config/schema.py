@@ -1,0 +1,517 @@
+"""Typed config tree: optim, parallel, logger, train nodes and the root XparConfig.
+
+Every node validates itself in __post_init__ (so OmegaConf.to_object and plain
+construction both check it). Checks that need two nodes, or the world size,
+live in XparConfig.validate(world_size): pure Python, no process group, no
+device probing unless asked, so every rank reaches the same verdict.
+
+Errors are XparConfigError "<group>.<field>=<value> ...: <fix>". Things that
+are legal but probably not what the user meant come back as warning strings
+(XparConfig.validate returns them) so the caller decides who prints them
+(rank 0 only, see xpar.config.store.load_and_validate).
+
+Precision: parallel.precision=bf16 on a machine without CUDA is allowed with a
+warning, not refused: torch runs bf16 on CPU (autocast), which is how one
+checks bf16 numerics on a laptop, but it is slow on most CPUs. "auto" picks
+fp32 on CPU and bf16 on GPU. backend=nccl without CUDA is refused (NCCL cannot
+run on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from xpar.data.config import DataConfig
+from xpar.errors import XparConfigError
+from xpar.models.config import ModelConfig
+from xpar.moe.config import MoEConfig
+
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "constant", "linear")
+BACKENDS = ("auto", "gloo", "nccl")
+PRECISIONS = ("auto", "fp32", "bf16")
+WANDB_MODES = ("offline", "online", "disabled")
+PROGRESS_BARS = ("auto", "always", "never")
+ZERO_STAGES = (0, 1, 2, 3)
+
+# DeepSpeed keys xpar derives from its own fields: setting them in parallel.deepspeed or
+# parallel.deepspeed_json would silently fight the typed config, so they are refused.
+DS_KEYS_OWNED_BY_XPAR = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim.* (xpar builds the MoE-aware optimizer itself)",
+    "scheduler": "optim.schedule / optim.warmup_steps",
+    "fp16": "parallel.precision (fp32 or bf16; fp16 is not supported)",
+    "bf16": "parallel.precision",
+}
+
+# W&B rejects these characters in entity/project names.
+_WANDB_BAD_CHARS = set("/\\#?%:")
+# A W&B API key is 40 hex characters (optionally behind a "local-" style prefix); other
+# services' tokens are long runs of letters and digits. No entity or run name looks like that.
+_KEY_PATTERNS = (
+    re.compile(r"[0-9a-fA-F]{40}"),
+    re.compile(r"(?:sk|hf|ghp|gho|wandb|api)[-_][A-Za-z0-9_\-]{16,}"),
+    re.compile(r"(?=[A-Za-z0-9_\-]*\d)(?=[A-Za-z0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{32,}"),
+)
+
+
+def looks_like_secret(value: object) -> bool:
+    """Whether a string looks like an API key or access token."""
+    return isinstance(value, str) and any(p.search(value) for p in _KEY_PATTERNS)
+
+
+def _bad(prefix: str, name: str, value: object, fix: str) -> XparConfigError:
+    return XparConfigError(f"{prefix}.{name}={value!r} is invalid: {fix}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v: object) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def _need_int(prefix: str, obj: object, name: str, lo: int, fix: str | None = None) -> None:
+    v = getattr(obj, name)
+    if not _is_int(v) or v < lo:
+        raise _bad(prefix, name, v, fix or f"use an integer >= {lo}")
+
+
+def _need_choice(prefix: str, obj: object, name: str, choices: tuple) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        raise _bad(prefix, name, v, f"choose one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule. min_lr is the floor of cosine/linear decay."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "optim") -> None:
+        _need_choice(prefix, self, "name", OPTIMIZERS)
+        if not _is_finite(self.lr) or not self.lr > 0:
+            raise _bad(prefix, "lr", self.lr, "use a finite learning rate > 0, e.g. 3e-3")
+        if not _is_finite(self.min_lr) or self.min_lr < 0:
+            raise _bad(prefix, "min_lr", self.min_lr, "use a finite number >= 0")
+        if self.min_lr > self.lr:
+            raise _bad(
+                prefix,
+                "min_lr",
+                self.min_lr,
+                f"min_lr must be <= optim.lr={self.lr!r}; lower min_lr or raise lr",
+            )
+        _need_int(prefix, self, "warmup_steps", 0, "use an integer >= 0 (0 = no warmup)")
+        if not _is_finite(self.weight_decay) or self.weight_decay < 0:
+            raise _bad(prefix, "weight_decay", self.weight_decay, "use a number >= 0, e.g. 0.1")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not _is_finite(v) or not 0 <= v < 1:
+                raise _bad(prefix, name, v, "use a number in [0, 1), e.g. 0.9 / 0.95")
+        if not _is_finite(self.eps) or not self.eps > 0:
+            raise _bad(prefix, "eps", self.eps, "use a small number > 0, e.g. 1e-8")
+        if not _is_finite(self.grad_clip) or self.grad_clip < 0:
+            raise _bad(prefix, "grad_clip", self.grad_clip, "use a max grad norm > 0, or 0 for off")
+        _need_choice(prefix, self, "schedule", SCHEDULES)
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks split the work. ep_size=0: experts sharded over all ranks.
+
+    deepspeed: extra DeepSpeed config keys merged in; deepspeed_json: a JSON file merged in
+    (the dict wins). Keys that xpar derives from typed fields are refused.
+    """
+
+    ep_size: int = 0
+    zero_stage: int = 1
+    backend: str = "auto"
+    precision: str = "auto"
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    deepspeed_json: str = ""
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _need_int(prefix, self, "ep_size", 0, "use 0 (all ranks) or a group size >= 1")
+        if not _is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
+            raise _bad(prefix, "zero_stage", self.zero_stage, "choose a ZeRO stage 0, 1, 2 or 3")
+        _need_choice(prefix, self, "backend", BACKENDS)
+        _need_choice(prefix, self, "precision", PRECISIONS)
+        _need_int(prefix, self, "timeout_s", 1, "use a collective timeout in seconds >= 1")
+        if not isinstance(self.deepspeed, Mapping):
+            raise _bad(prefix, "deepspeed", self.deepspeed, "use a mapping of DeepSpeed keys")
+        if not isinstance(self.deepspeed_json, str):
+            raise _bad(prefix, "deepspeed_json", self.deepspeed_json, "use a path or ''")
+        _check_ds_keys(f"{prefix}.deepspeed", self.deepspeed, self.zero_stage)
+        if self.deepspeed_json:
+            _check_ds_keys(
+                f"{prefix}.deepspeed_json({self.deepspeed_json})",
+                self.load_deepspeed_json(prefix),
+                self.zero_stage,
+            )
+
+    def load_deepspeed_json(self, prefix: str = "parallel") -> dict[str, Any]:
+        """The parsed deepspeed_json file ({} when unset)."""
+        if not self.deepspeed_json:
+            return {}
+        path = os.path.expanduser(self.deepspeed_json)
+        if not os.path.isfile(path):
+            raise _bad(
+                prefix,
+                "deepspeed_json",
+                self.deepspeed_json,
+                "file not found; give the path of a DeepSpeed JSON config, or '' for none",
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise _bad(
+                prefix, "deepspeed_json", self.deepspeed_json, f"cannot be read as JSON ({e})"
+            ) from e
+        if not isinstance(data, dict):
+            raise _bad(prefix, "deepspeed_json", self.deepspeed_json, "must hold a JSON object")
+        return data
+
+    def resolved_backend(self, cuda_available: bool) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if cuda_available else "gloo"
+
+    def resolved_precision(self, cuda_available: bool) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if cuda_available else "fp32"
+
+
+def _check_ds_keys(where: str, ds: Mapping, zero_stage: int) -> None:
+    for key, owner in DS_KEYS_OWNED_BY_XPAR.items():
+        if key in ds:
+            raise XparConfigError(
+                f"{where}.{key}={ds[key]!r} is not allowed: xpar sets it from {owner}; "
+                f"remove it and set {owner.split(' ')[0]} instead"
+            )
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, Mapping) and "stage" in zero and zero["stage"] != zero_stage:
+        raise XparConfigError(
+            f"{where}.zero_optimization.stage={zero['stage']!r} contradicts "
+            f"parallel.zero_stage={zero_stage}: remove it and set parallel.zero_stage"
+        )
+
+
+@dataclass
+class LoggerConfig:
+    """Console and W&B logging. Secrets never go here: W&B reads WANDB_API_KEY or `wandb login`."""
+
+    wandb_mode: str = "offline"
+    project: str = "xpar"
+    entity: str = ""
+    run_name: str = ""
+    log_every: int = 10
+    hist_every: int = 50
+    progress_bar: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "logger") -> None:
+        _need_choice(prefix, self, "wandb_mode", WANDB_MODES)
+        for name in ("project", "entity", "run_name"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise _bad(prefix, name, v, "use a string")
+            if looks_like_secret(v):
+                # Do not echo the value: it may be a real key.
+                raise XparConfigError(
+                    f"{prefix}.{name}=<redacted> looks like an API key or token: never put keys "
+                    "in configs (they end up in logs, W&B and checkpoints); remove it and use "
+                    "the WANDB_API_KEY environment variable or `wandb login`"
+                )
+        if not self.project:
+            raise _bad(prefix, "project", self.project, "name the W&B project, e.g. xpar")
+        for name in ("project", "entity"):
+            v = getattr(self, name)
+            bad = sorted(_WANDB_BAD_CHARS.intersection(v))
+            if bad:
+                fix = f"W&B names cannot contain {' '.join(bad)}; remove them"
+                raise _bad(prefix, name, v, fix)
+        _need_int(prefix, self, "log_every", 1, "log every n >= 1 steps")
+        _need_int(prefix, self, "hist_every", 1, "log expert-load histograms every n >= 1 steps")
+        _need_choice(prefix, self, "progress_bar", PROGRESS_BARS)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batch shape, eval/checkpoint cadence, resume, output directory.
+
+    global_batch_size=0 derives micro_batch_size * grad_accum * world_size. out_dir is
+    relative to the launch directory and deterministic (no timestamps): every rank agrees
+    on it and a rerun finds its checkpoints (resume=auto).
+    """
+
+    steps: int = 200
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    global_batch_size: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"
+    seed: int = 0
+    out_dir: str = "outputs/main"
+    deterministic: bool = True
+    max_time_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, prefix: str = "train") -> None:
+        _need_int(prefix, self, "steps", 1, "train for >= 1 optimizer steps")
+        _need_int(prefix, self, "micro_batch_size", 1, "use >= 1 sequences per rank per micro step")
+        _need_int(prefix, self, "grad_accum", 1, "use >= 1 micro steps per optimizer step")
+        _need_int(
+            prefix,
+            self,
+            "global_batch_size",
+            0,
+            "use 0 (= micro_batch_size * grad_accum * world_size) or that product",
+        )
+        _need_int(prefix, self, "eval_every", 1, "evaluate every n >= 1 steps")
+        _need_int(prefix, self, "eval_batches", 1, "use >= 1 validation batches per evaluation")
+        _need_int(prefix, self, "ckpt_every", 1, "checkpoint every n >= 1 steps")
+        _need_int(prefix, self, "keep_checkpoints", 1, "keep >= 1 checkpoints")
+        if not isinstance(self.resume, str) or not self.resume:
+            raise _bad(prefix, "resume", self.resume, "use auto, never, or a checkpoint directory")
+        if self.resume not in ("auto", "never") and not os.path.isdir(
+            os.path.expanduser(self.resume)
+        ):
+            raise _bad(
+                prefix,
+                "resume",
+                self.resume,
+                "no such checkpoint directory; use auto (latest in out_dir, if any), never, "
+                "or an existing checkpoint directory",
+            )
+        _need_int(prefix, self, "seed", 0, "use an integer seed >= 0")
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise _bad(prefix, "out_dir", self.out_dir, "name an output directory, e.g. outputs/x")
+        if not isinstance(self.deterministic, bool):
+            raise _bad(prefix, "deterministic", self.deterministic, "use true or false")
+        if not _is_finite(self.max_time_s) or self.max_time_s < 0:
+            raise _bad(prefix, "max_time_s", self.max_time_s, "use seconds >= 0 (0 = no limit)")
+
+
+@dataclass
+class XparConfig:
+    """The whole run. Nodes validate themselves; validate(world_size) adds cross-field checks."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self._check_static()
+
+    # -- derived quantities (the trainer should use these, not re-derive them) --
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        """Blocks whose FFN is an MoE layer: (i + 1) % moe.every == 0 (same rule as the model)."""
+        every = self.moe.every
+        if every <= 0:
+            return []
+        return [i for i in range(self.model.n_layers) if (i + 1) % every == 0]
+
+    @property
+    def has_moe(self) -> bool:
+        return bool(self.moe_layer_ids)
+
+    def ep_size(self, world_size: int) -> int:
+        """Expert-parallel group size: parallel.ep_size, 0 meaning all ranks; 1 for dense models."""
+        if not self.has_moe:
+            return 1
+        return self.parallel.ep_size or world_size
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Sequences per optimizer step over all ranks."""
+        t = self.train
+        return t.micro_batch_size * t.grad_accum * world_size
+
+    # -- validation --
+
+    def validate(self, world_size: int, cuda_available: bool | None = None) -> list[str]:
+        """Cross-field checks for a job of `world_size` ranks.
+
+        Raises XparConfigError on the first error; returns warnings (strings) for the caller
+        to print once. cuda_available=None asks torch (the same answer on every rank of a
+        homogeneous job); pass it explicitly to keep this a pure function.
+        """
+        for node in (
+            self.model,
+            self.moe,
+            self.data,
+            self.optim,
+            self.parallel,
+            self.logger,
+            self.train,
+        ):
+            node.validate()
+        self._check_static()
+        if not _is_int(world_size) or world_size < 1:
+            raise XparConfigError(
+                f"world_size={world_size!r} is invalid: the job needs >= 1 rank "
+                "(check WORLD_SIZE / torchrun --nproc-per-node)"
+            )
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        warnings: list[str] = []
+        self._check_parallel(world_size, warnings)
+        self._check_batch(world_size)
+        self._check_device(cuda_available, warnings)
+        self._check_soft(warnings)
+        return warnings
+
+    def _check_static(self) -> None:
+        m, moe, d = self.model, self.moe, self.data
+        if moe.every > m.n_layers:
+            raise XparConfigError(
+                f"moe.every={moe.every} is invalid: greater than model.n_layers={m.n_layers}, "
+                "so no block would get an MoE layer; use moe.every <= model.n_layers, "
+                "or moe.every=0 (moe=dense) for a dense model"
+            )
+        if self.has_moe and not moe.is_causal:
+            raise XparConfigError(
+                f"moe.router={moe.router!r} is not allowed in this decoder-only (causal) model: "
+                "expert choice picks tokens across the whole sequence, so a token's output "
+                "depends on future tokens; use a token-choice router (moe=topk or moe=switch)"
+            )
+        if m.max_seq_len < d.seq_len:
+            raise XparConfigError(
+                f"model.max_seq_len={m.max_seq_len} is smaller than data.seq_len={d.seq_len}: "
+                f"raise model.max_seq_len to >= {d.seq_len} or lower data.seq_len"
+            )
+        if d.tokenizer == "byte" and m.vocab_size != 0:
+            from xpar.data.tokenizer import ByteTokenizer
+
+            need = ByteTokenizer.vocab_size
+            if m.vocab_size < need:
+                raise XparConfigError(
+                    f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
+                    f"{need} ids: use model.vocab_size=0 (take it from the tokenizer) or >= {need}"
+                )
+
+    def _check_parallel(self, world_size: int, warnings: list[str]) -> None:
+        p, moe = self.parallel, self.moe
+        if not self.has_moe:
+            if p.ep_size > 1:
+                warnings.append(
+                    f"parallel.ep_size={p.ep_size} is ignored: the model has no MoE layers "
+                    "(moe.every=0); set parallel.ep_size=0"
+                )
+            return
+        ep = self.ep_size(world_size)
+        shown = f"parallel.ep_size={p.ep_size}" + (
+            f" (= world size {world_size})" if p.ep_size == 0 else ""
+        )
+        if world_size % ep != 0:
+            divisors = [n for n in range(1, world_size + 1) if world_size % n == 0]
+            raise XparConfigError(
+                f"{shown} does not divide the world size {world_size}: expert-parallel groups "
+                f"must tile the ranks; choose parallel.ep_size in {divisors} (0 = all ranks)"
+            )
+        if moe.num_experts % ep != 0:
+            ok = [
+                n
+                for n in range(1, world_size + 1)
+                if world_size % n == 0 and moe.num_experts % n == 0
+            ]
+            raise XparConfigError(
+                f"moe.num_experts={moe.num_experts} is not divisible by {shown}: each rank of "
+                f"an expert-parallel group holds num_experts/ep_size experts; choose "
+                f"parallel.ep_size in {ok} or a multiple of {ep} experts"
+            )
+        if p.zero_stage == 3:
+            raise XparConfigError(
+                "parallel.zero_stage=3 with MoE layers is not supported: DeepSpeed cannot "
+                "partition expert-parallel parameters with ZeRO-3; use zero_stage 0, 1 or 2"
+            )
+
+    def _check_batch(self, world_size: int) -> None:
+        t = self.train
+        gbs = t.global_batch_size
+        if gbs == 0:
+            return
+        per_micro = t.micro_batch_size * world_size
+        if gbs % per_micro != 0:
+            raise XparConfigError(
+                f"train.global_batch_size={gbs} is not divisible by train.micro_batch_size * "
+                f"world_size = {t.micro_batch_size} * {world_size} = {per_micro}: use a multiple "
+                f"of {per_micro}, or global_batch_size=0 to derive it"
+            )
+        derived = per_micro * t.grad_accum
+        if gbs != derived:
+            raise XparConfigError(
+                f"train.global_batch_size={gbs} does not equal train.micro_batch_size * "
+                f"train.grad_accum * world_size = {t.micro_batch_size} * {t.grad_accum} * "
+                f"{world_size} = {derived}: set train.grad_accum={gbs // per_micro}, "
+                "or global_batch_size=0 to derive it"
+            )
+
+    def _check_device(self, cuda_available: bool, warnings: list[str]) -> None:
+        p = self.parallel
+        if not cuda_available and p.backend == "nccl":
+            raise XparConfigError(
+                "parallel.backend='nccl' is invalid on a machine without CUDA: NCCL needs GPUs; "
+                "use parallel.backend=gloo (or auto)"
+            )
+        if not cuda_available and p.precision == "bf16":
+            warnings.append(
+                "parallel.precision='bf16' on a machine without CUDA runs bf16 on the CPU, "
+                "which is slow on most CPUs; use parallel.precision=auto (fp32 on CPU) "
+                "unless you are checking bf16 numerics"
+            )
+
+    def _check_soft(self, warnings: list[str]) -> None:
+        o, t = self.optim, self.train
+        if o.warmup_steps >= t.steps:
+            warnings.append(
+                f"optim.warmup_steps={o.warmup_steps} >= train.steps={t.steps}: the learning rate "
+                f"never reaches optim.lr={o.lr}; lower warmup_steps"
+            )
