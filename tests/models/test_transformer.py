@@ -209,3 +209,28 @@ def test_overfit_one_batch_moe():
     moe = MoEConfig(num_experts=4, top_k=2, d_ff=32, every=1, shared_expert_d_ff=16)
     first, last = _overfit(MoETransformer(tiny(), moe, ep_group="local"), 48)
     assert last < 0.2 * first, (first, last)
+
+
+def _bf16_matches_fp32(device: str) -> None:
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=4, top_k=2, d_ff=32, every=2, capacity_factor=None)
+    model = MoETransformer(tiny(n_layers=4), moe, ep_group="local").to(device)
+    tokens = torch.randint(0, 48, (2, 32), device=device)
+    with torch.no_grad():
+        want, _ = model(tokens)
+    model = model.to(torch.bfloat16)
+    got, aux = model(tokens)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    (got.float().logsumexp(-1).mean() + sum(a.loss for a in aux)).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_bf16_cpu_matches_fp32():
+    _bf16_matches_fp32("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cuda_matches_fp32():
+    _bf16_matches_fp32("cuda")
