@@ -514,6 +514,9 @@ def test_reader_handles_block_spanning_records_and_truncation(tmp_path):
     path.write_bytes(bytes(bad))
     with pytest.raises(ValueError, match="checksum"):
         read_offline_run(path)
+    path.write_bytes(_frame(_records()[1:]))  # history but no run record yet
+    with pytest.raises(ValueError, match="no run record"):
+        read_offline_run(path)
     path.write_bytes(b"not a wandb file")
     with pytest.raises(ValueError, match="header"):
         read_offline_run(path)

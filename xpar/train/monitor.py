@@ -933,6 +933,9 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
     if not files:
         raise FileNotFoundError(f"no .wandb file under {root}")
     runs = sorted(((_read_one(f), f) for f in files), key=lambda rf: (rf[0]["start_time"], rf[1]))
+    for r, f in runs:
+        if not r["run_id"]:
+            raise ValueError(f"{f}: no run record yet (run still starting, or file cut short)")
     ids = sorted({r["run_id"] for r, _ in runs})
     if len(ids) != 1:
         raise ValueError(f"{root} holds runs with different ids {ids}: pass one run's folder")
