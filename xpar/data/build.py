@@ -68,8 +68,8 @@ def build_data(
     cfg.validate()
     check_shard(rank, world_size, micro_batch_size)
     tok = build_tokenizer(cfg.tokenizer)
-    corp = corpus.discover_corpus(cfg)
     root = os.path.abspath(os.path.expanduser(cfg.cache_dir or cache.default_cache_dir()))
+    corp = corpus.discover_corpus(cfg, exclude_dir=root)
     key = cache.cache_key(
         {"version": CACHE_VERSION, "corpus": corp.fingerprint(), "tokenizer": tok.fingerprint}
     )

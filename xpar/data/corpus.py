@@ -83,10 +83,14 @@ def unit_hash(salt: str, key: str | bytes) -> float:
     return int.from_bytes(h.digest(), "big") / 2.0**64
 
 
-def discover_corpus(cfg: DataConfig) -> Corpus:
-    """Find the corpus files of `cfg` (sorted, capped by max_files) and split them."""
+def discover_corpus(cfg: DataConfig, exclude_dir: str | None = None) -> Corpus:
+    """Find the corpus files of `cfg` (sorted, capped by max_files) and split them.
+
+    Files under `exclude_dir` (the cache directory) are skipped, so a cache inside a data
+    directory never feeds on itself.
+    """
     if cfg.files:
-        kind, root, files = "files", *_user_files(cfg.files)
+        kind, root, files = "files", *_user_files(cfg.files, exclude_dir)
     else:
         kind, root, files = "stdlib", *_stdlib_files()
     if cfg.max_files and len(files) > cfg.max_files:
@@ -152,7 +156,7 @@ def _builder_for(path: str) -> str | None:
     return None
 
 
-def _user_files(specs) -> tuple[str, list[CorpusFile]]:
+def _user_files(specs, exclude_dir: str | None) -> tuple[str, list[CorpusFile]]:
     supported = ", ".join(TEXT_EXTS + JSON_EXTS + PARQUET_EXTS)
     paths: list[str] = []
     for spec in specs:
@@ -182,6 +186,11 @@ def _user_files(specs) -> tuple[str, list[CorpusFile]]:
                 "or globs (relative to the launch directory)"
             )
     abs_paths = list(dict.fromkeys(os.path.realpath(p) for p in paths))  # dedupe, keep order
+    if exclude_dir:
+        skip = os.path.realpath(exclude_dir) + os.sep
+        abs_paths = [p for p in abs_paths if not p.startswith(skip)]
+    if not abs_paths:
+        return "", []
     for p in abs_paths:
         if _builder_for(p) is None:
             raise XparConfigError(

@@ -1,0 +1,83 @@
+"""Corpus discovery and the deterministic train/validation split."""
+
+import os
+import shutil
+import sysconfig
+
+import pytest
+from data_helpers import make_text, write_txt
+
+from xpar.data import DataConfig
+from xpar.data.corpus import discover_corpus
+from xpar.errors import XparConfigError
+
+
+def txt_corpus(directory, n=20):
+    names = {f"sub{i % 3}/f{i:02d}.txt": make_text(i, n_lines=5 + 7 * (i % 4)) for i in range(n)}
+    write_txt(directory, names)
+    return names
+
+
+def test_split_by_file_is_deterministic_and_machine_independent(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    txt_corpus(a)
+    shutil.copytree(a, b)
+    ca = discover_corpus(DataConfig(files=[str(a)], val_fraction=0.2))
+    # Other root, other glob spelling, other seed: the same files hold out by relative path.
+    cb = discover_corpus(DataConfig(files=[str(b / "**" / "*.txt")], val_fraction=0.2, seed=99))
+    assert ca.split_by == cb.split_by == "file"
+    assert ca.val_files == cb.val_files and ca.val_files
+    train = {f.relpath for f in ca.split_files("train")}
+    val = {f.relpath for f in ca.split_files("validation")}
+    assert train and val and not train & val and train | val == {f.relpath for f in ca.files}
+    val_bytes = sum(f.size for f in ca.split_files("validation"))
+    total = sum(f.size for f in ca.files)
+    assert val_bytes <= 0.2 * total
+    # A different fraction is still a pure function of the file list.
+    assert discover_corpus(DataConfig(files=[str(a)], val_fraction=0.2)).val_files == ca.val_files
+
+
+def test_two_files_keep_one_for_each_split(tmp_path):
+    write_txt(tmp_path, {"x.txt": make_text(1), "y.txt": make_text(2)})
+    c = discover_corpus(DataConfig(files=[str(tmp_path / "*.txt")]))
+    assert len(c.split_files("train")) == 1 and len(c.split_files("validation")) == 1
+
+
+def test_max_files_is_a_stable_growing_subset(tmp_path):
+    txt_corpus(tmp_path, n=30)
+    small = discover_corpus(DataConfig(files=[str(tmp_path)], max_files=5))
+    big = discover_corpus(DataConfig(files=[str(tmp_path)], max_files=12))
+    assert len(small.files) == 5 and len(big.files) == 12
+    assert {f.relpath for f in small.files} <= {f.relpath for f in big.files}
+    assert [f.relpath for f in big.files] == sorted(f.relpath for f in big.files)
+
+
+def test_default_corpus_is_the_stdlib_without_installed_packages():
+    c = discover_corpus(DataConfig())
+    assert c.kind == "stdlib"
+    assert c.root == os.path.realpath(sysconfig.get_paths()["stdlib"])
+    rels = [f.relpath for f in c.files]
+    assert rels == sorted(rels) and len(rels) > 500
+    assert "os.py" in rels and "json/decoder.py" in rels
+    assert not any(p in r.split("/") for r in rels for p in ("site-packages", "dist-packages"))
+    assert all(r.endswith(".py") for r in rels)
+    assert (
+        0.03
+        < sum(f.size for f in c.split_files("validation")) / sum(f.size for f in c.files)
+        <= 0.05
+    )
+
+
+@pytest.mark.parametrize(
+    "files, match",
+    [
+        (["{tmp}/missing.txt"], r"data\.files entry .*missing\.txt.* does not exist"),
+        (["{tmp}/*.nothing"], r"data\.files entry .* matches no file"),
+        (["{tmp}/bad.csv"], r"data\.files has .*bad\.csv.* unsupported type"),
+        (["{tmp}/empty.txt"], r"data\.files=.* no non-empty corpus files"),
+    ],
+)
+def test_bad_files_raise_config_error(tmp_path, files, match):
+    write_txt(tmp_path, {"bad.csv": "a,b\n", "empty.txt": ""})
+    with pytest.raises(XparConfigError, match=match):
+        discover_corpus(DataConfig(files=[f.format(tmp=tmp_path) for f in files]))
