@@ -522,3 +522,14 @@ def test_reader_handles_block_spanning_records_and_truncation(tmp_path):
         read_offline_run(path)
     with pytest.raises(FileNotFoundError):
         read_offline_run(tmp_path / "empty_dir_that_is_missing")
+
+
+def test_accepts_the_real_logger_config():
+    from xpar.config.schema import LoggerConfig
+
+    out = io.StringIO()
+    cfg = LoggerConfig(wandb_mode="disabled", log_every=1, progress_bar="never")
+    mon = Monitor(cfg, total_steps=1, run_dir="unused", stream=out)
+    assert mon.should_log(1)
+    mon.log_train(1, loss=1.0)
+    assert out.getvalue().startswith("step 1/1 | loss 1.0000")
