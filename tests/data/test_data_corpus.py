@@ -71,9 +71,9 @@ def test_default_corpus_is_the_stdlib_without_installed_packages():
 @pytest.mark.parametrize(
     "files, match",
     [
-        (["{tmp}/missing.txt"], r"data\.files entry .*missing\.txt.* does not exist"),
-        (["{tmp}/*.nothing"], r"data\.files entry .* matches no file"),
-        (["{tmp}/bad.csv"], r"data\.files has .*bad\.csv.* unsupported type"),
+        (["{tmp}/missing.txt"], r"data\.files=.*missing\.txt.* does not exist"),
+        (["{tmp}/*.nothing"], r"data\.files=.*nothing.* matches no file"),
+        (["{tmp}/bad.csv"], r"data\.files=.*bad\.csv.* unsupported type"),
         (["{tmp}/empty.txt"], r"data\.files=.* no non-empty corpus files"),
     ],
 )

@@ -165,7 +165,8 @@ def _user_files(specs, exclude_dir: str | None) -> tuple[str, list[CorpusFile]]:
             matched = sorted(m for m in glob.glob(p, recursive=True) if os.path.isfile(m))
             if not matched:
                 raise XparConfigError(
-                    f"data.files entry {spec!r} matches no file; check the glob and that it is "
+                    f"data.files={list(specs)!r} is invalid: {spec!r} matches no file; check the "
+                    "glob and that it is "
                     "relative to the launch directory (or use an absolute path)"
                 )
             paths += matched
@@ -175,14 +176,16 @@ def _user_files(specs, exclude_dir: str | None) -> tuple[str, list[CorpusFile]]:
             )
             if not found:
                 raise XparConfigError(
-                    f"data.files entry {spec!r} is a directory with no {supported} file"
+                    f"data.files={list(specs)!r} is invalid: directory {spec!r} has no "
+                    f"{supported} file; point data.files at the data files"
                 )
             paths += found
         elif os.path.isfile(p):
             paths.append(p)
         else:
             raise XparConfigError(
-                f"data.files entry {spec!r} does not exist; give existing files, directories "
+                f"data.files={list(specs)!r} is invalid: {spec!r} does not exist; give existing "
+                "files, directories "
                 "or globs (relative to the launch directory)"
             )
     abs_paths = list(dict.fromkeys(os.path.realpath(p) for p in paths))  # dedupe, keep order
@@ -194,7 +197,8 @@ def _user_files(specs, exclude_dir: str | None) -> tuple[str, list[CorpusFile]]:
     for p in abs_paths:
         if _builder_for(p) is None:
             raise XparConfigError(
-                f"data.files has {p!r} of an unsupported type; use one of {supported}"
+                f"data.files={list(specs)!r} is invalid: {p!r} is of an unsupported type; "
+                f"use one of {supported}"
             )
     root = os.path.commonpath([os.path.dirname(p) for p in abs_paths])
     files = [f for p in abs_paths if (f := _corpus_file(p, root, _builder_for(p))) is not None]

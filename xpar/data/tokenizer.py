@@ -105,8 +105,9 @@ class HFTokenizer:
         self._dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.int32
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        # encode_batch_fast skips character offsets we never use.
-        encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets we never use.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encs = encode(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=self._dtype) for e in encs]
 
     def encode(self, text: str) -> np.ndarray:
