@@ -14,9 +14,12 @@ D = 16
 CASES = {
     "dropless_k2": dict(num_experts=8, top_k=2, capacity_factor=None),
     "capacity_k2_probs": dict(num_experts=8, top_k=2, capacity_factor=0.75),
-    "capacity_k1_position": dict(num_experts=8, top_k=1, capacity_factor=1.0, drop_policy="position"),
-    "expert_choice_swiglu": dict(num_experts=8, router="expert_choice", top_k=1, capacity_factor=1.25,
-                                 activation="swiglu"),
+    "capacity_k1_position": dict(
+        num_experts=8, top_k=1, capacity_factor=1.0, drop_policy="position"
+    ),
+    "expert_choice_swiglu": dict(
+        num_experts=8, router="expert_choice", top_k=1, capacity_factor=1.25, activation="swiglu"
+    ),
     "shared_expert": dict(num_experts=8, top_k=2, capacity_factor=None, shared_expert_d_ff=12),
     "one_local_expert": dict(num_experts=4, top_k=2, capacity_factor=None),
 }
@@ -117,7 +120,9 @@ def test_expert_parallel_matches_one_process(world):
 
 @pytest.mark.parametrize("mode", ["one_expert", "empty_rank1", "empty_all"])
 def test_expert_parallel_degenerate_batches(mode):
-    cases = ["dropless_k2", "capacity_k2_probs"] if mode != "one_expert" else ["capacity_k1_position"]
+    cases = (
+        ["dropless_k2", "capacity_k2_probs"] if mode != "one_expert" else ["capacity_k1_position"]
+    )
     check(run_distributed(_ep_parity, 2, cases, mode))
 
 

@@ -54,8 +54,9 @@ def test_layer_matches_naive_reference(routing, activation):
     if routing != "dropless_k2" and routing != "expert_choice":
         assert aux.dropped_fraction.item() > 0, "the test should exercise dropping"
     assert aux.dropped_fraction.item() == pytest.approx(
-        1 - len(kept) / (30 * layer.cfg.top_k) if layer.cfg.router == "topk" else
-        aux.dropped_fraction.item()
+        1 - len(kept) / (30 * layer.cfg.top_k)
+        if layer.cfg.router == "topk"
+        else aux.dropped_fraction.item()
     )
 
 
@@ -85,7 +86,9 @@ def test_aux_report():
     assert aux.tokens_per_expert.sum().item() == 21 * 2
     assert 0 <= aux.router_entropy.item() <= torch.log(torch.tensor(6.0)).item() + 1e-6
     cfg = layer.cfg
-    torch.testing.assert_close(aux.loss, cfg.aux_loss_weight * aux.lb_loss + cfg.z_loss_weight * aux.z_loss)
+    torch.testing.assert_close(
+        aux.loss, cfg.aux_loss_weight * aux.lb_loss + cfg.z_loss_weight * aux.z_loss
+    )
 
 
 def test_degenerate_single_process():

@@ -37,6 +37,23 @@ def combine_rows(out_AD: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> to
     return y_TD.index_add(0, plan.token_idx_A, out_AD * w_A1)
 
 
+class _Done:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def wait(self) -> torch.Tensor:
+        return self.t
+
+
+class _Pending:
+    def __init__(self, t: torch.Tensor, work):
+        self.t, self.work = t, work
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.t
+
+
 class LocalDispatcher:
     ep_size = 1
     ep_rank = 0
@@ -53,8 +70,8 @@ class LocalDispatcher:
     ) -> torch.Tensor:
         return combine_rows(out_RD, plan, plan.num_tokens)
 
-    def sum_over_group(self, t: torch.Tensor) -> torch.Tensor:
-        return t
+    def start_sum_over_group(self, t: torch.Tensor) -> _Done:
+        return _Done(t)
 
 
 class AllToAllDispatcher:
@@ -142,10 +159,9 @@ class AllToAllDispatcher:
         )
         return combine_rows(out_AD, plan, plan.num_tokens)
 
-    def sum_over_group(self, t: torch.Tensor) -> torch.Tensor:
+    def start_sum_over_group(self, t: torch.Tensor) -> _Pending:
         t = t.detach().clone()
-        dist.all_reduce(t, group=self.group)
-        return t
+        return _Pending(t, dist.all_reduce(t, group=self.group, async_op=True))
 
 
 def make_dispatcher(num_experts: int, ep_group) -> LocalDispatcher | AllToAllDispatcher:

@@ -39,6 +39,81 @@ def expert_mlp(
     return h_RF @ w2_FD
 
 
+def _act_fwd(h1, h3, activation):
+    if activation == "swiglu":
+        return F.silu(h1) * h3
+    return activate(h1, activation)
+
+
+def _act_bwd(grad_a, h1, h3, activation):
+    """Gradients w.r.t. the pre-activations h1 (and h3 for swiglu)."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad_a, h1), None
+    if activation == "relu":
+        return grad_a * (h1 > 0), None
+    if activation == "squared_relu":
+        return grad_a * 2 * F.relu(h1), None
+    # swiglu: a = silu(h1) * h3
+    return torch.ops.aten.silu_backward(grad_a * h3, h1), grad_a * F.silu(h1)
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """All local experts in one autograd node.
+
+    Outputs and weight gradients are written straight into preallocated
+    buffers: no per-expert autograd nodes, no cat of outputs, no stack of
+    per-expert gradients (which cost as much as the GEMMs on small batches).
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD, counts_e, activation, w1_eDF, w2_eFD, w3_eDF):
+        out_RD = x_RD.new_empty(x_RD.shape[0], w2_eFD.shape[2])
+        h1_RF = x_RD.new_empty(x_RD.shape[0], w1_eDF.shape[2])
+        h3_RF = torch.empty_like(h1_RF) if w3_eDF is not None else None
+        start = 0
+        for i, n in enumerate(counts_e):
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            torch.mm(x_RD[sl], w1_eDF[i], out=h1_RF[sl])
+            if h3_RF is not None:
+                torch.mm(x_RD[sl], w3_eDF[i], out=h3_RF[sl])
+            a = _act_fwd(h1_RF[sl], None if h3_RF is None else h3_RF[sl], activation)
+            torch.mm(a, w2_eFD[i], out=out_RD[sl])
+            start += n
+        ctx.save_for_backward(x_RD, h1_RF, h3_RF, w1_eDF, w2_eFD, w3_eDF)
+        ctx.counts_e, ctx.activation = counts_e, activation
+        return out_RD
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        x_RD, h1_RF, h3_RF, w1, w2, w3 = ctx.saved_tensors
+        act = ctx.activation
+        grad_RD = grad_RD.contiguous()
+        gx_RD = torch.zeros_like(x_RD)
+        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        gw3 = torch.zeros_like(w3) if w3 is not None else None
+        start = 0
+        for i, n in enumerate(ctx.counts_e):
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            x, g = x_RD[sl], grad_RD[sl]
+            h1 = h1_RF[sl]
+            h3 = h3_RF[sl] if h3_RF is not None else None
+            a = _act_fwd(h1, h3, act)
+            torch.mm(a.t(), g, out=gw2[i])
+            g_a = g @ w2[i].t()
+            g_h1, g_h3 = _act_bwd(g_a, h1, h3, act)
+            torch.mm(x.t(), g_h1, out=gw1[i])
+            torch.mm(g_h1, w1[i].t(), out=gx_RD[sl])
+            if g_h3 is not None:
+                torch.mm(x.t(), g_h3, out=gw3[i])
+                gx_RD[sl].addmm_(g_h3, w3[i].t())
+            start += n
+        return gx_RD, None, None, gw1, gw2, gw3
+
+
 class GroupedExperts(nn.Module):
     """w1_eDF, w2_eFD (+ w3_eDF for swiglu), no biases.
 
@@ -78,9 +153,7 @@ class GroupedExperts(nn.Module):
     def forward(self, rows_RD: torch.Tensor, counts_e: list[int]) -> torch.Tensor:
         """rows_RD are grouped by local expert; counts_e[i] rows belong to expert i."""
         assert len(counts_e) == self.num_local and sum(counts_e) == rows_RD.shape[0]
-        outs = []
-        for i, x_rD in enumerate(rows_RD.split(counts_e)):
-            w3 = self.w3[i] if self.w3 is not None else None
-            # Empty groups still run, so every expert gets a (zero) gradient.
-            outs.append(expert_mlp(x_rD, self.w1[i], self.w2[i], w3, self.activation))
-        return torch.cat(outs) if outs else rows_RD
+        # Experts with no rows still get a (zero) gradient, so every rank reduces the same set.
+        return _GroupedMLP.apply(
+            rows_RD.contiguous(), list(counts_e), self.activation, self.w1, self.w2, self.w3
+        )

@@ -75,6 +75,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         plan = self.router(x_TD, self.cfg.capacity_factor_for(self.training))
+        # The load report is a metric: reduce it in the background while experts compute.
+        load = self.dispatcher.start_sum_over_group(plan.tokens_per_expert_E)
         rows_RD, state = self.dispatcher.dispatch(x_TD, plan)
         out_RD = self.experts(rows_RD, state.counts_e)
         y_TD = self.dispatcher.combine(out_RD, state, plan)
@@ -85,7 +87,7 @@ class MoELayer(nn.Module):
             loss=loss,
             lb_loss=plan.lb_loss,
             z_loss=plan.z_loss,
-            tokens_per_expert=self.dispatcher.sum_over_group(plan.tokens_per_expert_E),
+            tokens_per_expert=load.wait(),
             dropped_fraction=plan.dropped_fraction,
             router_entropy=plan.entropy,
         )

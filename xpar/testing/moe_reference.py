@@ -52,7 +52,9 @@ def naive_moe(
                     rows[t] = rows[t] + w[t, k] * mlp(e, t)
         lb = x_TD.new_zeros((), dtype=torch.float32)
         for i in range(E):
-            f_i = sum(1 for t in range(T) for k in range(K) if int(top_e[t, k]) == i) / max(T * K, 1)
+            f_i = sum(1 for t in range(T) for k in range(K) if int(top_e[t, k]) == i) / max(
+                T * K, 1
+            )
             lb = lb + f_i * probs_TE[:, i].mean()
         lb = E * lb
     else:

@@ -1,0 +1,1 @@
+"""Benchmarks: each compares against a peer and a physical bound in the same run."""
