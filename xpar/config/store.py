@@ -36,7 +36,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 import xpar
 from xpar.config.schema import (
@@ -283,14 +289,19 @@ def _explain(e: BaseException, overrides: list[str]) -> str:
             f"{full_key}=??? has no value{where}: it is mandatory for this config; "
             f"set it on the command line, e.g. {full_key}=..."
         )
-    hint = ""
-    if "not in struct" in msg or "ConfigKeyError" in type(cause).__name__:
+    if full_key and ("not in" in msg or isinstance(cause, (ConfigKeyError, ConfigAttributeError))):
+        # Hydra would suggest "+key=value" to append, but schema'd nodes refuse new keys too.
         parent, _, _ = full_key.rpartition(".")
         keys = _valid_keys(parent)
-        if keys:
-            hint = f"; valid keys of {parent or 'the root'}: {', '.join(keys)}"
-        hint += "; check the spelling (python -m xpar.train --cfg job prints the whole config)"
-    return f"invalid configuration{where}: {msg}{hint}"
+        valid = f"valid keys of {parent or 'the root'} are {', '.join(keys)}; " if keys else ""
+        return (
+            f"{full_key} is not a config key{where}: {valid}check the spelling "
+            "(python -m xpar.train --cfg job prints the whole config)"
+        )
+    if isinstance(cause, ValidationError) and full_key:
+        first = str(cause).strip().splitlines()[0]
+        return f"{full_key} has a value of the wrong type{where}: {first}; give a value of its type"
+    return f"invalid configuration{where}: {msg}"
 
 
 def _valid_keys(path: str) -> list[str]:
