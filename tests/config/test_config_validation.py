@@ -95,6 +95,21 @@ BAD = [
         ["parallel.deepspeed.zero_optimization.stage=2 contradicts parallel.zero_stage=1"],
     ),
     (["parallel.deepspeed_json=/nonexistent/ds.json"], 2, ["parallel.deepspeed_json=", "found"]),
+    (
+        ["+parallel.deepspeed.optimizer.type=Adam"],
+        2,
+        ["parallel.deepspeed.optimizer=", "not allowed", "optim.*"],
+    ),
+    (
+        ["+parallel.deepspeed.zero_optimization.offload_optimizer.device=cpu"],
+        2,
+        ["parallel.deepspeed.zero_optimization.offload_optimizer is not supported", "remove it"],
+    ),
+    (
+        ["parallel=zero0", "parallel.precision=bf16"],
+        2,
+        ["parallel.zero_stage=0 with parallel.precision='bf16' is not supported", "fp32"],
+    ),
     (["train.resume=/nonexistent/ckpt"], 2, ["train.resume='/nonexistent/ckpt'", "auto", "never"]),
     (["train.steps=0"], 2, ["train.steps=0", ">= 1"]),
     (["train.micro_batch_size=0"], 2, ["train.micro_batch_size=0", ">= 1"]),
@@ -124,9 +139,9 @@ def test_secret_is_never_echoed():
     assert KEY not in repr(ei.value.__cause__ or "")
 
 
-def test_zero3_allowed_for_a_dense_model():
-    cfg = compose_config(["moe=dense", "parallel.zero_stage=3"], world_size=2, cuda_available=False)
-    assert not cfg.has_moe
+def test_zero3_is_refused_by_the_deepspeed_adapter_even_for_a_dense_model():
+    with pytest.raises(XparConfigError, match="parallel.zero_stage=3 is not supported"):
+        compose_config(["moe=dense", "parallel.zero_stage=3"], world_size=2, cuda_available=False)
 
 
 def test_nccl_and_bf16_fine_with_cuda():
@@ -150,7 +165,7 @@ def test_deepspeed_json_is_checked(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"steps_per_print": 5, "zero_optimization": {"stage": 1}}))
     cfg = compose_config([f"parallel.deepspeed_json={good}"], world_size=2, cuda_available=False)
-    assert cfg.parallel.load_deepspeed_json()["steps_per_print"] == 5
+    assert cfg.parallel.deepspeed_json == str(good)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gradient_accumulation_steps": 4}))
     with pytest.raises(XparConfigError, match="gradient_accumulation_steps=4 is not allowed"):
@@ -195,7 +210,8 @@ def test_soft_problems_warn_on_rank_zero_only(overrides, cuda, expect):
         (lambda: OptimConfig(grad_clip=-1.0), "optim.grad_clip"),
         (lambda: ParallelConfig(ep_size=-1), "parallel.ep_size"),
         (lambda: ParallelConfig(timeout_s=0), "parallel.timeout_s"),
-        (lambda: ParallelConfig(deepspeed={"optimizer": {"type": "Adam"}}), "optimizer"),
+        (lambda: ParallelConfig(deepspeed=[1]), "parallel.deepspeed"),
+        (lambda: ParallelConfig(deepspeed_json="/nonexistent.json"), "parallel.deepspeed_json"),
         (lambda: LoggerConfig(progress_bar="sometimes"), "logger.progress_bar"),
         (lambda: LoggerConfig(project=""), "logger.project"),
         (lambda: TrainConfig(grad_accum=0), "train.grad_accum"),

@@ -19,7 +19,6 @@ run on CPU).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,19 +38,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
 PROGRESS_BARS = ("auto", "always", "never")
 ZERO_STAGES = (0, 1, 2, 3)
-
-# DeepSpeed keys xpar derives from its own fields: setting them in parallel.deepspeed or
-# parallel.deepspeed_json would silently fight the typed config, so they are refused.
-DS_KEYS_OWNED_BY_XPAR = {
-    "train_batch_size": "train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "gradient_clipping": "optim.grad_clip",
-    "optimizer": "optim.* (xpar builds the MoE-aware optimizer itself)",
-    "scheduler": "optim.schedule / optim.warmup_steps",
-    "fp16": "parallel.precision (fp32 or bf16; fp16 is not supported)",
-    "bf16": "parallel.precision",
-}
 
 # W&B rejects these characters in entity/project names.
 _WANDB_BAD_CHARS = set("/\\#?%:")
@@ -147,7 +133,8 @@ class ParallelConfig:
     """How ranks split the work. ep_size=0: experts sharded over all ranks.
 
     deepspeed: extra DeepSpeed config keys merged in; deepspeed_json: a JSON file merged in
-    (the dict wins). Keys that xpar derives from typed fields are refused.
+    (the dict wins). Keys that xpar derives from typed fields are refused (by validate of
+    XparConfig, which builds the DeepSpeed config once without a process group).
     """
 
     ep_size: int = 0
@@ -172,36 +159,15 @@ class ParallelConfig:
             raise _bad(prefix, "deepspeed", self.deepspeed, "use a mapping of DeepSpeed keys")
         if not isinstance(self.deepspeed_json, str):
             raise _bad(prefix, "deepspeed_json", self.deepspeed_json, "use a path or ''")
-        _check_ds_keys(f"{prefix}.deepspeed", self.deepspeed, self.zero_stage)
-        if self.deepspeed_json:
-            _check_ds_keys(
-                f"{prefix}.deepspeed_json({self.deepspeed_json})",
-                self.load_deepspeed_json(prefix),
-                self.zero_stage,
-            )
-
-    def load_deepspeed_json(self, prefix: str = "parallel") -> dict[str, Any]:
-        """The parsed deepspeed_json file ({} when unset)."""
-        if not self.deepspeed_json:
-            return {}
-        path = os.path.expanduser(self.deepspeed_json)
-        if not os.path.isfile(path):
+        if self.deepspeed_json and not os.path.isfile(os.path.expanduser(self.deepspeed_json)):
             raise _bad(
                 prefix,
                 "deepspeed_json",
                 self.deepspeed_json,
                 "file not found; give the path of a DeepSpeed JSON config, or '' for none",
             )
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise _bad(
-                prefix, "deepspeed_json", self.deepspeed_json, f"cannot be read as JSON ({e})"
-            ) from e
-        if not isinstance(data, dict):
-            raise _bad(prefix, "deepspeed_json", self.deepspeed_json, "must hold a JSON object")
-        return data
+        # What the keys inside may say is checked by XparConfig.validate, through the
+        # DeepSpeed adapter itself (xpar.parallel.deepspeed.build_ds_config).
 
     def resolved_backend(self, cuda_available: bool) -> str:
         if self.backend != "auto":
@@ -212,21 +178,6 @@ class ParallelConfig:
         if self.precision != "auto":
             return self.precision
         return "bf16" if cuda_available else "fp32"
-
-
-def _check_ds_keys(where: str, ds: Mapping, zero_stage: int) -> None:
-    for key, owner in DS_KEYS_OWNED_BY_XPAR.items():
-        if key in ds:
-            raise XparConfigError(
-                f"{where}.{key}={ds[key]!r} is not allowed: xpar sets it from {owner}; "
-                f"remove it and set {owner.split(' ')[0]} instead"
-            )
-    zero = ds.get("zero_optimization")
-    if isinstance(zero, Mapping) and "stage" in zero and zero["stage"] != zero_stage:
-        raise XparConfigError(
-            f"{where}.zero_optimization.stage={zero['stage']!r} contradicts "
-            f"parallel.zero_stage={zero_stage}: remove it and set parallel.zero_stage"
-        )
 
 
 @dataclass
@@ -405,6 +356,7 @@ class XparConfig:
         self._check_parallel(world_size, warnings)
         self._check_batch(world_size)
         self._check_device(cuda_available, warnings)
+        self._check_deepspeed(cuda_available)
         self._check_soft(warnings)
         return warnings
 
@@ -507,6 +459,23 @@ class XparConfig:
                 "which is slow on most CPUs; use parallel.precision=auto (fp32 on CPU) "
                 "unless you are checking bf16 numerics"
             )
+
+    def _check_deepspeed(self, cuda_available: bool) -> None:
+        # Build the DeepSpeed config now, as the adapter will at startup (pure: no process
+        # group), so that every DeepSpeed-level refusal (owned keys, ZeRO stage, bf16 with
+        # ZeRO-0, unreadable deepspeed_json, ...) surfaces before any rank starts.
+        from xpar.parallel.deepspeed import build_ds_config
+
+        p, t = self.parallel, self.train
+        build_ds_config(
+            zero_stage=p.zero_stage,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            grad_clip=self.optim.grad_clip,
+            precision=p.resolved_precision(cuda_available),
+            extra=dict(p.deepspeed),
+            extra_json=p.deepspeed_json,
+        )
 
     def _check_soft(self, warnings: list[str]) -> None:
         o, t = self.optim, self.train

@@ -16,10 +16,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from xpar.errors import XparConfigError, XparDistributedError
 from xpar.moe.router import RoutingPlan
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the gradient travels the reverse way."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty(sum(send_splits), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return out, None, None, None
 
 
 @dataclass
@@ -119,13 +136,7 @@ class AllToAllDispatcher:
         dist.all_to_all_single(recv_counts_Pe, send_counts_Pe, group=self.group)
         counts_all = torch.stack([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()
         send_splits, recv_splits = counts_all
-        rows_RD = dist_fn.all_to_all_single(
-            x_TD.new_empty(sum(recv_splits), x_TD.shape[1]),
-            rows_AD,
-            output_split_sizes=recv_splits,
-            input_split_sizes=send_splits,
-            group=self.group,
-        )
+        rows_RD = _AllToAll.apply(rows_AD, send_splits, recv_splits, self.group)
         perm_R = None
         if e > 1 and P > 1:
             # Received as [source rank][local expert]; experts want [local expert][source].
@@ -150,13 +161,7 @@ class AllToAllDispatcher:
             inv_R = torch.empty_like(state.perm_R)
             inv_R[state.perm_R] = torch.arange(state.perm_R.numel(), device=inv_R.device)
             out_RD = out_RD.index_select(0, inv_R)
-        out_AD = dist_fn.all_to_all_single(
-            out_RD.new_empty(sum(state.send_splits), out_RD.shape[1]),
-            out_RD,
-            output_split_sizes=state.send_splits,
-            input_split_sizes=state.recv_splits,
-            group=self.group,
-        )
+        out_AD = _AllToAll.apply(out_RD, state.recv_splits, state.send_splits, self.group)
         return combine_rows(out_AD, plan, plan.num_tokens)
 
     def start_sum_over_group(self, t: torch.Tensor) -> _Pending:
