@@ -76,7 +76,7 @@ def test_wheel_install_composes_from_another_cwd(tmp_path):
     code = (
         "import xpar, xpar.config as c; "
         "cfg = c.compose_config(['experiment=tiny'], world_size=2, cuda_available=False); "
-        "print(xpar.__file__); print(c.CONFIG_DIR); print(cfg.model.d_model)"
+        "print('RESULT', xpar.__file__, c.CONFIG_DIR, cfg.model.d_model)"
     )
     env = dict(os.environ, PYTHONPATH=str(target))
     p = subprocess.run(
@@ -88,7 +88,8 @@ def test_wheel_install_composes_from_another_cwd(tmp_path):
         timeout=120,
     )
     assert p.returncode == 0, p.stderr
-    mod, conf, d_model = p.stdout.split()
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    _, mod, conf, d_model = line.split()
     assert Path(mod).is_relative_to(target)  # the installed copy, not the source tree
     assert Path(conf) == target / "xpar" / "conf"
     assert d_model == "64"
