@@ -67,9 +67,11 @@ class _GroupedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD, counts_e, activation, w1_eDF, w2_eFD, w3_eDF):
-        out_RD = x_RD.new_empty(x_RD.shape[0], w2_eFD.shape[2])
-        h1_RF = x_RD.new_empty(x_RD.shape[0], w1_eDF.shape[2])
+        R, F_ = x_RD.shape[0], w1_eDF.shape[2]
+        out_RD = x_RD.new_empty(R, w2_eFD.shape[2])
+        h1_RF = x_RD.new_empty(R, F_)
         h3_RF = torch.empty_like(h1_RF) if w3_eDF is not None else None
+        a_RF = torch.empty_like(h1_RF)  # kept for backward, as autograd would keep it
         start = 0
         for i, n in enumerate(counts_e):
             if n == 0:
@@ -78,31 +80,35 @@ class _GroupedMLP(torch.autograd.Function):
             torch.mm(x_RD[sl], w1_eDF[i], out=h1_RF[sl])
             if h3_RF is not None:
                 torch.mm(x_RD[sl], w3_eDF[i], out=h3_RF[sl])
-            a = _act_fwd(h1_RF[sl], None if h3_RF is None else h3_RF[sl], activation)
-            torch.mm(a, w2_eFD[i], out=out_RD[sl])
+            a_RF[sl] = _act_fwd(h1_RF[sl], None if h3_RF is None else h3_RF[sl], activation)
+            torch.mm(a_RF[sl], w2_eFD[i], out=out_RD[sl])
             start += n
-        ctx.save_for_backward(x_RD, h1_RF, h3_RF, w1_eDF, w2_eFD, w3_eDF)
+        ctx.save_for_backward(x_RD, h1_RF, h3_RF, a_RF, w1_eDF, w2_eFD, w3_eDF)
         ctx.counts_e, ctx.activation = counts_e, activation
         return out_RD
 
     @staticmethod
     def backward(ctx, grad_RD):
-        x_RD, h1_RF, h3_RF, w1, w2, w3 = ctx.saved_tensors
+        x_RD, h1_RF, h3_RF, a_RF, w1, w2, w3 = ctx.saved_tensors
         act = ctx.activation
         grad_RD = grad_RD.contiguous()
-        gx_RD = torch.zeros_like(x_RD)
-        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        gw3 = torch.zeros_like(w3) if w3 is not None else None
+        # Every row belongs to one expert, so gx is fully written; only experts
+        # with no rows need explicit zeros.
+        gx_RD = torch.empty_like(x_RD)
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gw3 = torch.empty_like(w3) if w3 is not None else None
         start = 0
         for i, n in enumerate(ctx.counts_e):
             if n == 0:
+                for g in (gw1, gw2, gw3):
+                    if g is not None:
+                        g[i].zero_()
                 continue
             sl = slice(start, start + n)
             x, g = x_RD[sl], grad_RD[sl]
             h1 = h1_RF[sl]
             h3 = h3_RF[sl] if h3_RF is not None else None
-            a = _act_fwd(h1, h3, act)
-            torch.mm(a.t(), g, out=gw2[i])
+            torch.mm(a_RF[sl].t(), g, out=gw2[i])
             g_a = g @ w2[i].t()
             g_h1, g_h3 = _act_bwd(g_a, h1, h3, act)
             torch.mm(x.t(), g_h1, out=gw1[i])
