@@ -230,3 +230,24 @@ def test_defaults_are_valid_python_objects():
     cfg = XparConfig()
     assert cfg.validate(1, cuda_available=False) == []
     assert cfg.validate(2, cuda_available=False) == []
+
+
+@pytest.mark.parametrize(
+    "value,secret",
+    [
+        (KEY, True),
+        ("local-" + KEY, True),
+        ("hf_" + "aBcD" * 8, True),
+        ("ghp_" + "x1" * 10, True),
+        ("Ab1" * 12, True),
+        ("quality_moe", False),
+        ("my-team", False),
+        ("openwebtext_2024_shard_00001_of_00128.jsonl", False),
+        ("run-3f2a9c1d7e", False),
+        ("outputs/main", False),
+    ],
+)
+def test_secret_shapes(value, secret):
+    from xpar.config import looks_like_secret
+
+    assert looks_like_secret(value) is secret

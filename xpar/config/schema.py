@@ -10,6 +10,10 @@ are legal but probably not what the user meant come back as warning strings
 (XparConfig.validate returns them) so the caller decides who prints them
 (rank 0 only, see xpar.config.store.load_and_validate).
 
+DeepSpeed: validate() also builds the DeepSpeed config through the adapter
+(xpar.parallel.deepspeed.build_ds_config, pure), so its refusals (keys xpar owns,
+ZeRO-3, bf16 with ZeRO-0, offload, unreadable deepspeed_json) come up front too.
+
 Precision: parallel.precision=bf16 on a machine without CUDA is allowed with a
 warning, not refused: torch runs bf16 on CPU (autocast), which is how one
 checks bf16 numerics on a laptop, but it is slow on most CPUs. "auto" picks
@@ -41,12 +45,13 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 # W&B rejects these characters in entity/project names.
 _WANDB_BAD_CHARS = set("/\\#?%:")
-# A W&B API key is 40 hex characters (optionally behind a "local-" style prefix); other
-# services' tokens are long runs of letters and digits. No entity or run name looks like that.
+# A W&B API key is 40 hex characters (optionally behind a prefix such as "local-"); other
+# services' tokens carry a known prefix, or are long unbroken runs of letters and digits.
+# No entity, project or run name looks like that (a full 40-hex git SHA would: shorten it).
 _KEY_PATTERNS = (
     re.compile(r"[0-9a-fA-F]{40}"),
-    re.compile(r"(?:sk|hf|ghp|gho|wandb|api)[-_][A-Za-z0-9_\-]{16,}"),
-    re.compile(r"(?=[A-Za-z0-9_\-]*\d)(?=[A-Za-z0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{32,}"),
+    re.compile(r"(?:sk|hf|ghp|gho|github_pat|wandb|xox[bp])[-_][A-Za-z0-9_\-]{16,}"),
+    re.compile(r"(?=[A-Za-z0-9]*\d)(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{32,}"),
 )
 
 
