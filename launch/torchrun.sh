@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Train on one node: one rank per GPU, or CPU ranks on gloo when there is no GPU.
+#
+#   launch/torchrun.sh +experiment=tiny train.out_dir=runs/tiny
+#   NPROC=4 launch/torchrun.sh train.steps=1000
+#
+# Arguments are Hydra overrides, passed through unchanged.
+# Environment:
+#   NPROC       ranks (default: visible GPU count, or 2 without a GPU)
+#   PYTHON      interpreter with xpar installed (default: python)
+#   XPAR_ENTRY  what torchrun runs (default: "-m xpar.train"; a script path works too)
+#   TORCHRUN_ARGS extra torchrun flags, e.g. "--max-restarts=1"
+set -euo pipefail
+
+PY=${PYTHON:-python}
+if [ -z "${NPROC:-}" ]; then
+  # torch counts what CUDA_VISIBLE_DEVICES leaves visible; no CUDA build or no GPU gives 0
+  NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  if [ "${NGPU:-0}" -gt 0 ]; then NPROC=$NGPU; else NPROC=2; fi
+fi
+# One BLAS thread per rank unless told otherwise: ranks already fill the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1
+
+read -r -a ENTRY <<< "${XPAR_ENTRY:--m xpar.train}"
+read -r -a EXTRA <<< "${TORCHRUN_ARGS:-}"
+# --standalone: a local rendezvous on a free port, so two runs on one node do not collide.
+exec "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
+  "${EXTRA[@]}" "${ENTRY[@]}" "$@"
