@@ -111,6 +111,7 @@ def train(cfg: XparConfig) -> TrainResult:
         torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(tc.seed)
 
+    owns_process_group = not (dist.is_available() and dist.is_initialized())
     groups = init_parallel(
         cfg.ep_size(int(os.environ.get("WORLD_SIZE", "1"))),
         cfg.parallel.backend,
@@ -339,5 +340,6 @@ def train(cfg: XparConfig) -> TrainResult:
     watcher.uninstall()
     result.exit_code = watcher.exit_code()
     dist.barrier()
-    dist.destroy_process_group()
+    if owns_process_group:
+        dist.destroy_process_group()
     return result
