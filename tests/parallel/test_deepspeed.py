@@ -1,18 +1,26 @@
 """Real DeepSpeed engines on real gloo ranks against a single-process reference.
 
-Toy model: a dense part (embedding, gain, head) and an expert bank [E_local, D, D]
-(+ a no-decay expert bias). Token t goes to expert t % E; each rank draws tokens
-only for its own experts, so no all-to-all is needed and a single process holding
-all experts and seeing all ranks' data computes the exact reference:
-    loss = mean over ranks and micro steps of the rank losses.
-If DeepSpeed averaged expert gradients over the wrong ranks, expert params would
-leave the reference (the unmarked control below shows that it does).
+Each spawn of gloo ranks pays ~10 s of imports per process (torch._dynamo via
+torch.optim, DeepSpeed's Muon module via its ZeRO optimizer check), so the
+multi-rank parts run in two batteries (2 ranks, 4 ranks) and the tests below
+assert on their results. A part that fails reports its traceback to its tests only.
+
+- parity (2 ranks EP=2; 4 ranks EP=2 x DP=2 with grad accumulation 2), ZeRO 0/1/2:
+  params after 3 clipped steps equal the single-process reference (parallel_toy),
+  the clip norm equals the reference norm, losses agree across stages.
+- control (2 ranks): expert params left unflagged are silently averaged as dense
+  params; flagged without the MoE marker DeepSpeed crashes; DeepSpeed's own fp32
+  clip norm differs from the true norm.
+- checkpoint (4 ranks): save / load into a fresh engine restores params,
+  optimizer state, LR, counters exactly; training continues identically.
+- moe_layer (2 ranks): the real xpar MoELayer with its all-to-all in an engine.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import math
+import traceback
 
 import pytest
 import torch
@@ -32,17 +40,19 @@ from parallel_toy import (
     reference,
     train,
 )
+from torch import nn
 
 from xpar.testing import run_distributed
 
+STAGES = (0, 1, 2)
 
-def _parity(rank, world, ep_size, grad_accum, stages):
-    from xpar.parallel.groups import init_parallel
+# ------------------------------------------------------------------ parity
 
-    groups = init_parallel(ep_size=ep_size, backend="gloo")
-    ref, ref_losses, ref_norms = reference(world, ep_size, grad_accum, STEPS)
+
+def _parity_part(rank, world, groups, grad_accum, root):
+    ref, ref_losses, ref_norms = reference(world, groups.ep_size, grad_accum, STEPS)
     out = {"ref_losses": [ls[rank] for ls in ref_losses], "ref_norms": ref_norms}
-    for stage in stages:
+    for stage in STAGES:
         engine = build_engine(groups, stage, grad_accum)
         losses, norms = train(engine, groups, range(STEPS), grad_accum)
         out[stage] = {
@@ -55,51 +65,10 @@ def _parity(rank, world, ep_size, grad_accum, stages):
     return out
 
 
-@functools.cache
-def parity_results(world: int, ep_size: int, grad_accum: int):
-    return run_distributed(_parity, world, ep_size, grad_accum, (0, 1, 2), timeout=600)
-
-
-CASES = [(2, 2, 1), (4, 2, 2)]  # (world, ep_size, grad_accum): EP=2, and EP=2 x DP=2 with accum
-
-
-@pytest.mark.parametrize("world,ep_size,grad_accum", CASES)
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_params_match_single_process_reference(world, ep_size, grad_accum, stage):
-    for rank, res in enumerate(parity_results(world, ep_size, grad_accum)):
-        diff = res[stage]["diff"]
-        assert set(diff) == {"embed.weight", "gain", "head.weight", "head.bias", "experts",
-                             "expert_bias"}  # fmt: skip
-        bad = {k: v for k, v in diff.items() if not v < TOL}
-        assert not bad, f"rank {rank} ZeRO-{stage}: params left the reference: {bad}"
-        assert res[stage]["lr"] == pytest.approx(res["ref_lr"], rel=1e-12)
-
-
-@pytest.mark.parametrize("world,ep_size,grad_accum", CASES)
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_clipping_norm_is_the_true_global_norm(world, ep_size, grad_accum, stage):
-    results = parity_results(world, ep_size, grad_accum)
-    ref_norms = results[0]["ref_norms"]
-    assert all(n > CLIP for n in ref_norms), "clipping must be active for this test to bite"
-    for rank, res in enumerate(results):
-        assert res[stage]["norms"] == pytest.approx(ref_norms, rel=1e-5, abs=0), (rank, stage)
-
-
-@pytest.mark.parametrize("world,ep_size,grad_accum", CASES)
-def test_zero_stages_give_the_same_losses(world, ep_size, grad_accum):
-    for rank, res in enumerate(parity_results(world, ep_size, grad_accum)):
-        assert res[0]["losses"] == pytest.approx(res["ref_losses"], abs=1e-6)
-        for stage in (1, 2):
-            assert res[stage]["losses"] == pytest.approx(res[0]["losses"], abs=1e-6), (rank, stage)
-
-
 # ------------------------------------------------------------------ the trap, shown
 
 
-def _unmarked(rank, world, flag):
-    """ZeRO-1 with expert params flagged (allreduce=False) but no MoE module for
-    DeepSpeed to find: has_moe_layers stays False and experts are reduced and
-    partitioned over all ranks. Also DeepSpeed's own fp32 clip norm (ZeRO-0)."""
+def _control_part(rank, world, groups, grad_accum, root):
     import deepspeed
     from deepspeed.runtime.utils import clip_grad_norm_
 
@@ -108,44 +77,324 @@ def _unmarked(rank, world, flag):
         global_grad_norm,
         mark_expert_params,
         optimizer_param_groups,
-        register_groups,
     )
-    from xpar.parallel.groups import init_parallel
 
-    groups = init_parallel(ep_size=world, backend="gloo")
-    ref, _, _ = reference(world, world, 1, STEPS)
-    register_groups(groups)
-    model = Toy(groups.ep_rank * (E // world), E // world)
-    if flag:
-        mark_expert_params(model, groups)
-    else:  # plain params: DeepSpeed treats the expert bank as dense
-        del model.experts.xpar_expert, model.expert_bias.xpar_expert
-    opt = torch.optim.AdamW(
-        optimizer_param_groups(model, groups.expert_group_name, WD), lr=LR, betas=(0.9, 0.95)
-    )
+    ref, _, ref_norms = reference(world, groups.ep_size, 1, STEPS)
     cfg = build_ds_config(zero_stage=1, micro_batch_size=B, grad_clip=CLIP, precision="fp32")
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, config=cfg, dist_init_required=False,
-        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
-    )  # fmt: skip
-    has_moe = engine.has_moe_layers
+    n_local = E // groups.ep_size
+
+    def raw_engine(flag: bool):
+        """deepspeed.initialize without our marker module."""
+        model = Toy(groups.ep_rank * n_local, n_local)
+        if flag:
+            mark_expert_params(model, groups)
+        else:  # plain params: DeepSpeed treats the expert bank as dense
+            del model.experts.xpar_expert, model.expert_bias.xpar_expert
+        opt = torch.optim.AdamW(
+            optimizer_param_groups(model, groups.expert_group_name, WD), lr=LR, betas=(0.9, 0.95)
+        )
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=opt, config=cfg, dist_init_required=False,
+            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+        )  # fmt: skip
+        return engine
+
+    out = {}
+    engine = raw_engine(False)
+    out["unflagged_has_moe"] = engine.has_moe_layers
     train(engine, groups, range(STEPS), 1)
-    diff = param_diff(engine, ref, groups)
+    out["unflagged_diff"] = param_diff(engine, ref, groups)
+
+    engine = raw_engine(True)
+    out["flagged_has_moe"] = engine.has_moe_layers
+    try:
+        train(engine, groups, range(1), 1)
+        out["flagged_error"] = None
+    except Exception as e:  # both ranks fail at the same point: no hang
+        out["flagged_error"] = f"{type(e).__name__}: {e}"
 
     # DeepSpeed's fp32 (non-ZeRO) clip norm vs ours, on the same reduced gradients
     engine0 = build_engine(groups, 0, 1)
-    loss = engine0(batch(rank, world, 0, 0))
-    engine0.backward(loss)  # gradients are all-reduced here (boundary)
-    ours = global_grad_norm(engine0.module, groups).item()
-    theirs = float(clip_grad_norm_(list(engine0.module.parameters()), max_norm=math.inf))
-    return has_moe, diff, ours, theirs
+    engine0.backward(engine0(batch(rank, groups.ep_size, 0, 0)))  # all-reduced at the boundary
+    out["ours"] = global_grad_norm(engine0.module, groups).item()
+    out["theirs"] = float(clip_grad_norm_(list(engine0.module.parameters()), max_norm=math.inf))
+    out["ref_norm"] = ref_norms[0]
+    return out
 
 
-def test_without_the_marker_experts_are_averaged_wrongly_and_ds_fp32_norm_is_wrong():
-    _, _, ref_norms = reference(2, 2, 1, 1)
-    for rank, (has_moe, diff, ours, theirs) in enumerate(run_distributed(_unmarked, 2, False)):
-        assert has_moe is False
-        assert diff["experts"] > 1e-3, f"rank {rank}: the control should leave the reference"
-        assert ours == pytest.approx(ref_norms[0], rel=1e-5)
+# ------------------------------------------------------------------ checkpoints
+
+
+def _tensors(obj, path=""):
+    """(path, tensor) pairs of a nested state dict, in a stable order."""
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{path}/{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}/{i}")
+
+
+def _snapshot(state_dict) -> dict:
+    return {k: t.detach().clone() for k, t in _tensors(state_dict)}
+
+
+def _max_diff(ta: dict, tb: dict) -> float:
+    assert ta.keys() == tb.keys(), set(ta) ^ set(tb)
+    return max(((x.double() - tb[k].double()).abs().max().item() for k, x in ta.items()), default=0)
+
+
+def _params(engine) -> dict:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def _params_diff(engine, params: dict) -> float:
+    return max((p - params[n]).abs().max().item() for n, p in _params(engine).items())
+
+
+def _checkpoint_part(rank, world, groups, grad_accum, root):
+    from xpar.errors import XparConfigError
+    from xpar.parallel.deepspeed import load, save
+
+    out = {}
+    for stage in STAGES:
+        d = f"{root}/zero{stage}"
+        a = build_engine(groups, stage, 1)
+        train(a, groups, range(2), 1)
+        client = {"step": 2, "rng": torch.get_rng_state(), "who": f"rank{rank}", "x": [1, 2.5]}
+        save(a, d, client)
+        saved_params, saved_opt = _params(a), _snapshot(a.optimizer.state_dict())
+        saved_lr = a.get_lr()
+        cont_a = train(a, groups, range(2, 4), 1)
+
+        b = build_engine(groups, stage, 1, seed=1)  # starts from other weights
+        init_diff = _params_diff(b, saved_params)
+        got = load(b, d)
+        res = {
+            "init_diff": init_diff,
+            "param_diff": _params_diff(b, saved_params),
+            "opt_diff": _max_diff(saved_opt, _snapshot(b.optimizer.state_dict())),
+            "opt_numel": sum(t.numel() for t in saved_opt.values()),
+            "lr": (saved_lr, b.get_lr()),
+            "steps": b.global_steps,
+            "client_ok": got["who"] == f"rank{rank}"
+            and got["step"] == 2
+            and got["x"] == [1, 2.5]
+            and torch.equal(got["rng"], client["rng"]),
+        }
+        cont_b = train(b, groups, range(2, 4), 1)
+        res["cont"] = (cont_a, cont_b)
+        res["final_diff"] = _params_diff(b, _params(a))
+        out[stage] = res
+
+    # a checkpoint from another ZeRO stage is refused with a clear error
+    try:
+        load(build_engine(groups, 2, 1), f"{root}/zero1")
+        out["mismatch"] = None
+    except XparConfigError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+# ------------------------------------------------------------------ the real MoE layer
+
+MOE_D, MOE_T, MOE_CLIP = 16, 12, 1e-3
+MOE_CFG = dict(num_experts=4, top_k=2, d_ff=24, capacity_factor=None, activation="swiglu")
+
+
+class MoENet(nn.Module):
+    def __init__(self, ep_group):
+        from xpar.moe import MoEConfig, MoELayer
+
+        super().__init__()
+        self.inp = nn.Linear(MOE_D, MOE_D)
+        self.moe = MoELayer(MOE_D, MoEConfig(**MOE_CFG), ep_group=ep_group)
+
+    def forward(self, x):
+        y, aux = self.moe(self.inp(x))
+        return y.square().mean() + aux.loss
+
+
+def _moe_tokens(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(MOE_T, MOE_D, generator=torch.Generator().manual_seed(10 * step + rank))
+
+
+def _moe_layer_part(rank, world, groups, grad_accum, root):
+    """Rank r holds experts [2r, 2r+2) and sends tokens to both ranks (all-to-all); the
+    reference holds all experts (ep_group="local") and sees both ranks' tokens."""
+    from xpar.parallel.deepspeed import build_ds_config, grad_norm, initialize
+    from xpar.parallel.deepspeed import optimizer_param_groups as pgroups
+
+    torch.manual_seed(0)
+    ref = MoENet("local")
+    opt = torch.optim.AdamW(pgroups(ref, "ref", WD), lr=1e-2, betas=(0.9, 0.95))
+    ref_norms = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        for r in range(world):
+            (ref(_moe_tokens(r, step)) / world).backward()
+        ref_norms.append(float(nn.utils.clip_grad_norm_(ref.parameters(), MOE_CLIP)))
+        opt.step()
+    full = dict(ref.named_parameters())
+
+    out = {"ref_norms": ref_norms}
+    for stage in STAGES:
+        torch.manual_seed(0)
+        net = MoENet(groups.ep_group)
+        cfg = build_ds_config(
+            zero_stage=stage, micro_batch_size=1, grad_clip=MOE_CLIP, precision="fp32"
+        )
+        engine = initialize(net, groups, ds_config=cfg, lr=1e-2, weight_decay=WD)
+        norms = []
+        for step in range(STEPS):
+            engine.backward(engine(_moe_tokens(rank, step)))
+            engine.step()
+            norms.append(grad_norm(engine))
+        lo, hi = net.moe.experts.first, net.moe.experts.first + net.moe.experts.num_local
+        diff = {}
+        for name, p in engine.module.named_parameters():
+            want = full[name][lo:hi] if getattr(p, "xpar_expert", False) else full[name]
+            diff[name] = (p.detach() - want.detach()).abs().max().item()
+        out[stage] = {"diff": diff, "norms": norms, "experts": (lo, hi)}
+    return out
+
+
+# ------------------------------------------------------------------ batteries
+
+PARTS = {
+    "parity": _parity_part,
+    "control": _control_part,
+    "checkpoint": _checkpoint_part,
+    "moe_layer": _moe_layer_part,
+}
+
+
+def _battery(rank, world, parts, grad_accum, root):
+    from xpar.parallel.groups import init_parallel
+
+    groups = init_parallel(ep_size=2, backend="gloo")
+    out = {}
+    for part in parts:
+        try:
+            out[part] = PARTS[part](rank, world, groups, grad_accum, root)
+        except Exception:
+            out[part] = {"error": traceback.format_exc()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return run_distributed(_battery, 2, ("parity", "control", "moe_layer"), 1, "", timeout=600)
+
+
+@pytest.fixture(scope="module")
+def world4(ckpt_root):
+    # EP=2 x DP=2; parity with grad accumulation 2
+    return run_distributed(_battery, 4, ("parity", "checkpoint"), 2, str(ckpt_root), timeout=600)
+
+
+def part(results, name):
+    outs = [r[name] for r in results]
+    for rank, o in enumerate(outs):
+        assert "error" not in o, f"rank {rank} part {name} failed:\n{o['error']}"
+    return outs
+
+
+@pytest.fixture(params=["world2", "world4"])
+def parity(request):
+    return part(request.getfixturevalue(request.param), "parity")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_params_match_single_process_reference(parity, stage):
+    for rank, res in enumerate(parity):
+        diff = res[stage]["diff"]
+        assert set(diff) == {"embed.weight", "gain", "head.weight", "head.bias", "experts",
+                             "expert_bias"}  # fmt: skip
+        bad = {k: v for k, v in diff.items() if not v < TOL}
+        assert not bad, f"rank {rank} ZeRO-{stage}: params left the reference: {bad}"
+        assert res[stage]["lr"] == pytest.approx(res["ref_lr"], rel=1e-12)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_clipping_norm_is_the_true_global_norm(parity, stage):
+    ref_norms = parity[0]["ref_norms"]
+    assert all(n > CLIP for n in ref_norms), "clipping must be active for this test to bite"
+    for rank, res in enumerate(parity):
+        assert res[stage]["norms"] == pytest.approx(ref_norms, rel=1e-5, abs=0), (rank, stage)
+
+
+def test_zero_stages_give_the_same_losses(parity):
+    for rank, res in enumerate(parity):
+        assert res[0]["losses"] == pytest.approx(res["ref_losses"], abs=1e-6)
+        for stage in (1, 2):
+            assert res[stage]["losses"] == pytest.approx(res[0]["losses"], abs=1e-6), (rank, stage)
+
+
+def test_control_unflagged_experts_are_silently_wrong(world2):
+    for rank, o in enumerate(part(world2, "control")):
+        assert o["unflagged_has_moe"] is False
+        assert o["unflagged_diff"]["experts"] > 1e-3, f"rank {rank}: control must leave the ref"
+
+
+def test_control_flagged_without_marker_fails_loudly_in_deepspeed(world2):
+    # DeepSpeed 0.19.8: ZeRO 1/2 index expert_dp_process_group (None without has_moe_layers)
+    for o in part(world2, "control"):
+        assert o["flagged_has_moe"] is False
+        assert o["flagged_error"] is not None
+
+
+def test_control_deepspeed_fp32_clip_norm_is_wrong_ours_is_right(world2):
+    for o in part(world2, "control"):
+        assert o["ours"] == pytest.approx(o["ref_norm"], rel=1e-5)
         # DeepSpeed averages per-rank norms that each see only their own experts
-        assert abs(theirs - ref_norms[0]) > 1e-3 * ref_norms[0]
+        assert abs(o["theirs"] - o["ref_norm"]) > 1e-3 * o["ref_norm"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_restores_params_and_optimizer_state_exactly(world4, stage):
+    for rank, out in enumerate(part(world4, "checkpoint")):
+        r = out[stage]
+        assert r["init_diff"] > 1e-2, "the fresh engine must start elsewhere"
+        assert r["param_diff"] == 0, (rank, stage)
+        assert r["opt_numel"] > 0 and r["opt_diff"] == 0, (rank, stage)
+        assert r["lr"][0] == r["lr"][1]
+        assert r["steps"] == 2
+        assert r["client_ok"], (rank, stage)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_training_continues_identically_after_load(world4, stage):
+    for rank, out in enumerate(part(world4, "checkpoint")):
+        (losses_a, norms_a), (losses_b, norms_b) = out[stage]["cont"]
+        assert losses_b == losses_a and norms_b == norms_a, (rank, stage)
+        assert out[stage]["final_diff"] == 0, (rank, stage)
+
+
+def test_checkpoint_files_and_layout_mismatch(world4, ckpt_root):
+    outs = part(world4, "checkpoint")
+    meta = json.loads((ckpt_root / "zero1" / "xpar_parallel.json").read_text())
+    assert (meta["world_size"], meta["ep_size"], meta["zero_stage"]) == (4, 2, 1)
+    names = sorted(p.name for p in (ckpt_root / "zero1").iterdir())
+    assert names == [f"rank{r:05d}.pt" for r in range(4)] + ["xpar_parallel.json"]
+    for out in outs:
+        assert out["mismatch"] is not None and "parallel.zero_stage" in out["mismatch"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_real_moe_layer_expert_weights_match_single_process(world2, stage):
+    for rank, out in enumerate(part(world2, "moe_layer")):
+        r = out[stage]
+        assert r["experts"] == (2 * rank, 2 * rank + 2)
+        assert {"moe.experts.w1", "moe.experts.w2", "moe.experts.w3"} <= set(r["diff"])
+        bad = {k: v for k, v in r["diff"].items() if not v < 1e-5}
+        assert not bad, f"rank {rank} ZeRO-{stage}: {bad}"
+        assert all(n > MOE_CLIP for n in out["ref_norms"]), "clipping must be active"
+        assert r["norms"] == pytest.approx(out["ref_norms"], rel=1e-5)
