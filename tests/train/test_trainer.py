@@ -46,8 +46,16 @@ def _assert_same_curve(a, b, tol):
 
 
 def test_expert_parallel_zero2_equals_one_process(tmp_path):
-    ep = BASE + ["parallel.zero_stage=2", "train.micro_batch_size=2", f"train.out_dir={tmp_path}/ep"]
-    one = BASE + ["parallel.zero_stage=2", "train.micro_batch_size=4", f"train.out_dir={tmp_path}/one"]
+    ep = BASE + [
+        "parallel.zero_stage=2",
+        "train.micro_batch_size=2",
+        f"train.out_dir={tmp_path}/ep",
+    ]
+    one = BASE + [
+        "parallel.zero_stage=2",
+        "train.micro_batch_size=4",
+        f"train.out_dir={tmp_path}/one",
+    ]
     (ep_losses,) = run_distributed(_train_losses, 2, [ep], timeout=600)[0]
     (one_losses,) = run_distributed(_train_losses, 1, [one], timeout=600)[0]
     assert ep_losses[5] < ep_losses[1], "the run should learn something"
@@ -65,8 +73,17 @@ def test_zero_stages_agree(tmp_path):
 
 def _torchrun(out_dir, *overrides, env=None, check=True):
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "xpar.train", "experiment=tiny", f"train.out_dir={out_dir}", *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "xpar.train",
+        "experiment=tiny",
+        f"train.out_dir={out_dir}",
+        *overrides,
     ]
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
@@ -93,7 +110,7 @@ def test_killed_and_resumed_run_continues_the_same_loss_curve(tmp_path):
     p = _torchrun(broken, *common, "train.resume=auto")
     assert "resumed from" in p.stdout and "at step 6" in p.stdout
     resumed = {}
-    for line in (broken / "metrics.jsonl").read_text().splitlines()[len(first):]:
+    for line in (broken / "metrics.jsonl").read_text().splitlines()[len(first) :]:
         r = json.loads(line)
         resumed[r["step"]] = r["loss"]
     assert sorted(resumed) == list(range(7, 13))
@@ -107,18 +124,36 @@ def test_killed_and_resumed_run_continues_the_same_loss_curve(tmp_path):
 
     run = read_offline_run(broken / "wandb")
     keys = set().union(*(row.keys() for row in run["history"]))
-    for k in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu",
-              "moe/aux_loss", "moe/z_loss", "moe/layer_0/dropped_fraction",
-              "moe/layer_0/max_load", "moe/layer_0/mean_load", "moe/layer_0/router_entropy",
-              "moe/layer_0/tokens_per_expert", "val/loss", "val/ppl"):
+    for k in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/mfu",
+        "moe/aux_loss",
+        "moe/z_loss",
+        "moe/layer_0/dropped_fraction",
+        "moe/layer_0/max_load",
+        "moe/layer_0/mean_load",
+        "moe/layer_0/router_entropy",
+        "moe/layer_0/tokens_per_expert",
+        "val/loss",
+        "val/ppl",
+    ):
         assert k in keys, f"{k} not logged"
     assert run["config"]["moe"]["num_experts"] == 4
 
 
 def test_crash_while_saving_keeps_latest_on_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
-    p = _torchrun(out, "train.steps=6", "train.ckpt_every=3", "logger.wandb_mode=disabled",
-                  env={"XPAR_TEST_CRASH_BEFORE_PUBLISH": "6"}, check=False)
+    p = _torchrun(
+        out,
+        "train.steps=6",
+        "train.ckpt_every=3",
+        "logger.wandb_mode=disabled",
+        env={"XPAR_TEST_CRASH_BEFORE_PUBLISH": "6"},
+        check=False,
+    )
     assert p.returncode != 0
     ck = out / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_00000003"
@@ -129,10 +164,21 @@ def test_crash_while_saving_keeps_latest_on_the_previous_checkpoint(tmp_path):
 
 
 def test_config_error_is_reported_before_any_process_group(tmp_path):
-    cmd = [sys.executable, "-m", "xpar.train", "experiment=tiny", "parallel.ep_size=3",
-           f"train.out_dir={tmp_path}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "xpar.train",
+        "experiment=tiny",
+        "parallel.ep_size=3",
+        f"train.out_dir={tmp_path}",
+    ]
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"},
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     assert "xpar: config error: parallel.ep_size=3" in p.stderr
     assert not (tmp_path / "checkpoints").exists()

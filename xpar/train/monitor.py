@@ -933,9 +933,12 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
     if not files:
         raise FileNotFoundError(f"no .wandb file under {root}")
     runs = sorted(((_read_one(f), f) for f in files), key=lambda rf: (rf[0]["start_time"], rf[1]))
-    for r, f in runs:
-        if not r["run_id"]:
-            raise ValueError(f"{f}: no run record yet (run still starting, or file cut short)")
+    # A segment killed before W&B flushed (SIGKILL, node loss) has no run record: skip it
+    # when a later segment of the run exists, fail when nothing is readable.
+    skipped = [f for r, f in runs if not r["run_id"]]
+    runs = [(r, f) for r, f in runs if r["run_id"]]
+    if not runs:
+        raise ValueError(f"{skipped[0]}: no run record yet (run still starting, or file cut short)")
     ids = sorted({r["run_id"] for r, _ in runs})
     if len(ids) != 1:
         raise ValueError(f"{root} holds runs with different ids {ids}: pass one run's folder")
@@ -945,4 +948,5 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
         out["history"].extend(r["history"])
         out["summary"].update(r["summary"])
     out["files"] = [f for _, f in runs]
+    out["skipped"] = skipped
     return out
