@@ -312,6 +312,26 @@ def _moe_layer_part(rank, world, groups, grad_accum, root):
     return out
 
 
+# ------------------------------------------------------------------ a model without experts
+
+
+def _dense_part(rank, world, groups, grad_accum, root):
+    """No expert params: no marker, DeepSpeed's plain dense engine, norm still reported."""
+    from xpar.parallel.deepspeed import MARKER_NAME, build_ds_config, grad_norm, initialize
+
+    out = {}
+    for stage in STAGES:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        cfg = build_ds_config(zero_stage=stage, micro_batch_size=2, grad_clip=0, precision="fp32")
+        engine = initialize(model, groups, ds_config=cfg, lr=1e-2)
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(rank))
+        engine.backward(engine(x).square().mean())
+        engine.step()
+        out[stage] = (engine.has_moe_layers, hasattr(model, MARKER_NAME), grad_norm(engine))
+    return out
+
+
 # ------------------------------------------------------------------ batteries
 
 PARTS = {
@@ -320,13 +340,14 @@ PARTS = {
     "checkpoint": _checkpoint_part,
     "moe_layer": _moe_layer_part,
     "bf16": _bf16_part,
+    "dense": _dense_part,
 }
 
 
 def _battery(rank, world, parts, grad_accum, root):
     from xpar.parallel.groups import init_parallel
 
-    groups = init_parallel(ep_size=2, backend="gloo")
+    groups = init_parallel(ep_size=min(2, world), backend="gloo")
     out = {}
     for part in parts:
         try:
@@ -348,6 +369,12 @@ def world2(ckpt_root):
 
 
 @pytest.fixture(scope="module")
+def world1():
+    # a plain `python train.py`: EP group of one, expert-DP group of one
+    return run_distributed(_battery, 1, ("parity", "dense"), 1, "", timeout=600)
+
+
+@pytest.fixture(scope="module")
 def world4(ckpt_root):
     # EP=2 x DP=2; parity with grad accumulation 2
     return run_distributed(_battery, 4, ("parity", "checkpoint"), 2, str(ckpt_root), timeout=600)
@@ -360,7 +387,7 @@ def part(results, name):
     return outs
 
 
-@pytest.fixture(params=["world2", "world4"])
+@pytest.fixture(params=["world1", "world2", "world4"])
 def parity(request):
     return part(request.getfixturevalue(request.param), "parity")
 
@@ -466,3 +493,9 @@ def test_bf16_near_reference_and_checkpoint_restores_fp32_masters(world2, stage)
         (losses_a, norms_a), (losses_b, norms_b) = r["cont"]
         assert losses_b == losses_a and norms_b == norms_a, (rank, stage)
         assert r["final_diff"] == 0, (rank, stage)
+
+
+def test_model_without_experts_builds_a_plain_engine(world1):
+    for stage, (has_moe, marker, norm) in part(world1, "dense")[0].items():
+        assert has_moe is False and marker is False, stage
+        assert norm is not None and norm > 0, stage

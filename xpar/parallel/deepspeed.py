@@ -10,13 +10,14 @@ How expert parameters get the right treatment (DeepSpeed 0.19.8, read from its s
   `xpar_expert=True` and register *our* groups (xpar.parallel.groups) in that
   registry under DeepSpeed's own name `ep_size_<n>` before the engine is built.
 * The engine only turns its MoE paths on (`engine.has_moe_layers`) when it finds a
-  `deepspeed.moe.layer.MoE` module in the model. Without that, ZeRO 1/2 partition
-  and reduce expert gradients over *all* ranks (different experts averaged
-  together, silently), the ZeRO-0 all-reduce fails, and optimizer groups are not
-  treated as MoE groups. We attach one parameter-free `MoE` subclass
-  (`_DeepSpeedMoEMarker`) to the model: it owns nothing, is never called, and
-  only makes DeepSpeed's own detection true. After the engine is built we check
-  that DeepSpeed really reduces each expert param group over our expert-DP group.
+  `deepspeed.moe.layer.MoE` module in the model. Flagged params without that make
+  ZeRO 1/2 fail in backward (`expert_dp_process_group` is None: TypeError) and
+  ZeRO-0 fail in its all-reduce (KeyError); unflagged expert params are silently
+  treated as dense: broadcast from rank 0 at init (every rank gets rank 0's
+  experts) and averaged over all ranks. We attach one parameter-free `MoE`
+  subclass (`_DeepSpeedMoEMarker`) to the model: it owns nothing, is never
+  called, and only makes DeepSpeed's own detection true. After the engine is built
+  we check that it reduces each expert param group over our expert-DP group.
 * Optimizer: torch AdamW (no op builds), param groups split dense/expert x
   decay/no-decay; expert groups carry `moe=True, name=<group name>` as ZeRO 1/2
   require. LR: a LambdaLR over a pure function of the step, stepped by the engine
@@ -29,9 +30,11 @@ How expert parameters get the right treatment (DeepSpeed 0.19.8, read from its s
   `clip_fp32_gradients` hook with our `global_grad_norm`. bf16 without ZeRO goes
   through DeepSpeed's unfused fp16/bf16 optimizer, whose norm leaves out expert
   grads: refused (use ZeRO 1 or 2 with bf16).
-* Checkpoints: with `has_moe_layers` DeepSpeed's save/load expects the native
-  MoE expert file layout (`layer_*_expert_*`) and would save the dense model only
-  from rank 0, dropping other EP ranks' experts. We write one file per rank
+* Checkpoints: with `has_moe_layers` DeepSpeed's save/load follow the native MoE
+  file layout: `engine.save_checkpoint` writes one `mp_rank_00_model_states.pt`
+  from rank 0 (with rank 0's experts; the other EP ranks' experts are lost) and
+  `load_checkpoint` looks for per-expert `layer_*_expert_*` files (FileNotFoundError;
+  both seen on 2 gloo ranks). Do not use them. We write one file per rank
   instead (module state incl. local experts, the optimizer's own per-rank state,
   LR scheduler, engine counters, client state) plus a JSON layout record; see
   `save` / `load`.
