@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 import warnings
 from collections.abc import Mapping, Sequence
@@ -68,7 +69,15 @@ GROUP_SCHEMAS: dict[str, type] = {
 ROOT_SCHEMA_NAME = "xpar_schema"
 GROUP_SCHEMA_NAME = "schema"
 REDACTED = "<redacted>"
-_SECRET_KEY_WORDS = ("key", "token", "secret", "password", "passwd", "credential", "auth")
+_SECRET_KEY_WORDS = frozenset(
+    ("key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth")
+)
+
+
+def _is_secret_key(key: str) -> bool:
+    """Whole words only: `api_key`, `hfToken`, `WANDB_API_KEY` are secrets; `tokenizer` is not."""
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    return any(w in _SECRET_KEY_WORDS for w in words)
 
 
 class XparConfigWarning(UserWarning):
@@ -254,7 +263,7 @@ def to_plain_dict(cfg: XparConfig | DictConfig) -> dict[str, Any]:
 
 
 def _scrub(x: Any, key: str = "") -> Any:
-    if key and any(w in key.lower() for w in _SECRET_KEY_WORDS) and not _is_empty(x):
+    if key and _is_secret_key(key) and not _is_empty(x):
         return REDACTED
     if isinstance(x, Mapping):
         return {str(k): _scrub(v, str(k)) for k, v in x.items()}

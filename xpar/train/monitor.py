@@ -136,9 +136,7 @@ def scrub_secrets(obj: Any) -> Any:
 
 
 def to_plain(config: Any) -> Any:
-    """Dataclass / OmegaConf node / mapping -> plain dicts, lists and scalars."""
-    if config is None:
-        return {}
+    """Dataclass / OmegaConf node / mapping -> plain dicts, lists and scalars (None stays None)."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     elif type(config).__module__.startswith("omegaconf"):
@@ -464,7 +462,7 @@ class Monitor:
         self.run_id = run_id
         self.wandb_dir: Path | None = None  # the offline run's folder once W&B is up
         self.wandb_url: str | None = None
-        self.config = scrub_secrets(to_plain(config))
+        self.config = scrub_secrets(to_plain(config)) if config is not None else {}
         self._stream = stream
         self._run: Any = None
         self._finished = False
