@@ -100,6 +100,8 @@ def main(argv: list[str]) -> int:
         os.makedirs(ckpt_root, exist_ok=True)
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(f"standin: run {run_id} world {world} start step {start} restarts {restarts}")
+        if os.environ.get("XPAR_PREFIXED"):
+            print("standin: launched through XPAR_LAUNCH_PREFIX")
 
     loss = float("nan")
     step = start - 1

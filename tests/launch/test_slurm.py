@@ -64,9 +64,11 @@ class Cluster:
             raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr}")
         return p.stdout
 
-    def sbatch(self, name: str, entry: str, *args: str, opts: tuple[str, ...] = ()) -> str:
+    def sbatch(
+        self, name: str, entry: str, *args: str, opts: tuple[str, ...] = (), **env_extra: str
+    ) -> str:
         # one CPU each: two jobs fit on this 2-core node at once (no binding: ranks share both)
-        env = dict(self.env, XPAR_ENTRY=entry)
+        env = dict(self.env, XPAR_ENTRY=entry, **env_extra)
         out = self.run("sbatch", "--parsable", "-J", name, "--cpus-per-task=1", *opts,
                        str(SBATCH_SCRIPT), *args, env=env)  # fmt: skip
         jid = out.strip().split(";")[0]
@@ -149,6 +151,8 @@ def timelimit_job(cluster):
     return cluster.sbatch(
         "tl", str(STANDIN), f"train.steps={STANDIN_STEPS}", "standin.step_sleep=1.0",
         "standin.sleep_only_first=true", opts=("--time=1", "--signal=B:USR1@50"),
+        # the container hooks, exercised with harmless stand-ins for pyxis/apptainer words
+        XPAR_SRUN_ARGS="--quiet --job-name=tl-step", XPAR_LAUNCH_PREFIX="env XPAR_PREFIXED=1",
     )  # fmt: skip
 
 
@@ -227,6 +231,7 @@ def test_time_limit_warning_from_slurm(cluster, timelimit_job):
     log = c.log("tl", jid)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert "warning signal: asking every rank to save and stop" in log, log
+    assert "launched through XPAR_LAUNCH_PREFIX" in log, log
     stops = [int(s) for s in re.findall(r"stopped by SIGUSR1 at step (\d+)", log)]
     assert stops and int(info["Restarts"]) == len(stops), log
     rd = c.run_dir("tl", jid)
