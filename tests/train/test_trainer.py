@@ -161,6 +161,10 @@ def test_crash_while_saving_keeps_latest_on_the_previous_checkpoint(tmp_path):
     p = _torchrun(out, "train.steps=6", "train.ckpt_every=3", "logger.wandb_mode=disabled")
     assert "at step 3" in p.stdout
     assert (ck / "latest").read_text().strip() == "step_00000006"
+    # A different model in the same directory is refused, not half-loaded.
+    p = _torchrun(out, "train.steps=8", "moe.d_ff=32", "logger.wandb_mode=disabled", check=False)
+    assert p.returncode != 0
+    assert "different model (moe.d_ff: checkpoint 64, now 32)" in p.stderr
 
 
 def test_config_error_is_reported_before_any_process_group(tmp_path):

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from xpar.config.schema import XparConfig
 from xpar.config.store import to_plain_dict
 from xpar.data.build import build_data
+from xpar.errors import XparConfigError
 from xpar.models import MoETransformer
 from xpar.models.cost import describe_cost, flops_per_token
 from xpar.parallel import deepspeed as ds
@@ -104,9 +106,34 @@ def evaluate(engine, batches, device, precision_dtype) -> float:
     return _mean_over_ranks([total / max(n, 1)], device)[0]
 
 
+def _model_fingerprint(model_cfg, cfg: XparConfig) -> dict:
+    """What must match for a checkpoint to load: the shapes of every parameter."""
+    return {"model": dataclasses.asdict(model_cfg), "moe": dataclasses.asdict(cfg.moe)}
+
+
+def _check_same_model(saved: dict | None, now: dict, where: Path) -> None:
+    if saved is None:
+        return
+    diffs = [
+        f"{group}.{k}: checkpoint {saved[group].get(k)!r}, now {v!r}"
+        for group in ("model", "moe")
+        for k, v in now[group].items()
+        if saved.get(group, {}).get(k) != v
+    ]
+    if diffs:
+        raise XparConfigError(
+            f"train.resume: the checkpoint {where} was written by a different model ("
+            + "; ".join(diffs)
+            + "); set train.out_dir to a new directory (or logger.run_name), "
+            "or train.resume=never to start over"
+        )
+
+
 def train(cfg: XparConfig) -> TrainResult:
     t_start = time.perf_counter()
     tc = cfg.train
+    # DeepSpeed 0.19 calls a collective torch deprecated; it says nothing the user can act on.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(tc.seed)
@@ -169,8 +196,9 @@ def train(cfg: XparConfig) -> TrainResult:
     elif tc.resume != "never":
         resume_dir = Path(tc.resume)
     if resume_dir is not None:
-        rank_state = ds.load(engine, str(resume_dir))
         shared = ckpt.read_client_state(resume_dir)
+        _check_same_model(shared.get("model"), _model_fingerprint(model_cfg, cfg), resume_dir)
+        rank_state = ds.load(engine, str(resume_dir))
         start_step, tokens_seen, run_id = (
             shared["step"],
             shared["tokens_seen"],
