@@ -116,3 +116,24 @@ def test_init_parallel_without_launcher_is_a_world_of_one(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "0", "1", "1", "ep_size_1"]
+
+
+def test_env_from_slurm_maps_task_variables_only_without_a_launcher():
+    from xpar.parallel.groups import env_from_slurm
+
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "1234",
+        "SLURM_JOB_NODELIST": "",
+        "SLURMD_NODENAME": "node7",
+        "SLURM_NTASKS_PER_NODE": "2(x2)",
+    }
+    assert env_from_slurm(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
+    assert env["MASTER_PORT"] == "21234" and env["LOCAL_WORLD_SIZE"] == "2"
+    assert env["MASTER_ADDR"]
+    torchrun = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "RANK": "5", "WORLD_SIZE": "8"}
+    assert not env_from_slurm(torchrun) and torchrun["RANK"] == "5"
+    assert not env_from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})

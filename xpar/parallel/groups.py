@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,36 @@ def resolve_ep_size(ep_size: int, world_size: int) -> int:
             f"the world size (world = DP x EP); use 0 for all ranks or a divisor of {world_size}"
         )
     return ep
+
+
+def env_from_slurm(env: dict | None = None) -> bool:
+    """Map Slurm task variables to torch.distributed's when no launcher set them.
+
+    For `srun python -m xpar.train` or submitit with several tasks per job (one
+    process per GPU, no torchrun). Returns whether it mapped anything. Call it
+    before the config is validated: validation reads WORLD_SIZE.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
+        return False
+    ntasks = int(env.get("SLURM_NTASKS", "1"))
+    if ntasks <= 1:
+        return False
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    try:
+        first = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        first = env.get("SLURMD_NODENAME", "127.0.0.1")
+    env.setdefault("MASTER_ADDR", first)
+    # Same port on every task of the job, different across jobs sharing a node.
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = str(ntasks)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    return True
 
 
 def init_parallel(ep_size: int = 0, backend: str = "auto", timeout_s: int = 600) -> ParallelGroups:

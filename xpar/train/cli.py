@@ -39,6 +39,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from xpar.parallel.groups import env_from_slurm
+
+    env_from_slurm()  # srun/submitit tasks without torchrun: before WORLD_SIZE is read
     register_configs()
     _hydra_main()
 

@@ -265,6 +265,7 @@ def train(cfg: XparConfig) -> TrainResult:
                     "data": data.train.state_dict(),
                     "wandb_run_id": monitor.run_id,
                     "world_size": world,
+                    "model": _model_fingerprint(model_cfg, cfg),
                 },
             )
             if os.environ.get("XPAR_TEST_CRASH_BEFORE_PUBLISH") == str(step_):
@@ -341,10 +342,11 @@ def train(cfg: XparConfig) -> TrainResult:
             last_saved = step
         if crash_after and step == crash_after:
             os.kill(os.getpid(), 9)  # test hook: die like a preempted node, no cleanup
-        if watcher.should_stop(step):
+        # A warning on the last step needs no requeue: the run is done.
+        if step < tc.steps and watcher.should_stop(step):
             if last_saved != step:
                 result.checkpoint = save(step)
-            monitor.print(f"stopping at step {step} on {watcher.stopped_by}: checkpoint saved")
+            monitor.print(f"stopping at step {step} on {watcher.stopped_by.name}: checkpoint saved")
             break
     result.step = step
     elapsed = time.perf_counter() - t_loop
