@@ -85,7 +85,10 @@ def _torchrun(out_dir, *overrides, env=None, check=True):
         f"train.out_dir={out_dir}",
         *overrides,
     ]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # A wandb service started by an earlier test in this pytest process must not be shared:
+    # it would still hold the killed run's id.
+    e = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    e.update({"OMP_NUM_THREADS": "1", **(env or {})})
     p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

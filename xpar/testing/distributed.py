@@ -80,29 +80,35 @@ def run_distributed(
     outs: dict[int, Any] = {}
     errors: list[str] = []
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    errors_if_none = "a rank ended without a result"
+    grace_until = None  # after a failure, wait briefly for the other ranks' own errors
     try:
         while len(outs) + len(errors) < world_size:
-            left = (deadline - datetime.datetime.now()).total_seconds()
+            now = datetime.datetime.now()
+            if grace_until is not None and now >= grace_until:
+                break
+            left = (deadline - now).total_seconds()
             if left <= 0:
                 raise TimeoutError(
                     f"run_distributed: {world_size - len(outs) - len(errors)} rank(s) still "
                     f"running after {timeout:.0f}s (hang?); errors so far: {errors}"
                 )
             try:
-                rank, ok, payload = results.get(timeout=min(left, 1.0))
+                rank, ok, payload = results.get(timeout=min(left, 0.5))
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead and results.empty():
-                    raise RuntimeError(
-                        f"run_distributed: rank process died with exit code {dead[0].exitcode}"
-                    ) from None
+                if dead and grace_until is None:
+                    # A rank can die in C++ (abort) when a peer vanished; its peers' Python
+                    # errors may still be in flight.
+                    grace_until = now + datetime.timedelta(seconds=3)
+                    errors_if_none = f"a rank process died with exit code {dead[0].exitcode}"
                 continue
             if ok:
                 outs[rank] = payload
             else:
                 errors.append(f"rank {rank}:\n{payload}")
-                # one failed rank usually leaves the others blocked in a collective
-                break
+                if grace_until is None:
+                    grace_until = datetime.datetime.now() + datetime.timedelta(seconds=5)
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)
@@ -110,6 +116,8 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join()
+    if not errors and len(outs) < world_size:
+        errors.append(errors_if_none)
     if errors:
         raise RuntimeError("run_distributed: a rank failed\n" + "\n".join(errors))
     return [outs[r] for r in range(world_size)]
