@@ -75,9 +75,9 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         plan = self.router(x_TD, self.cfg.capacity_factor_for(self.training))
+        rows_RD, state = self.dispatcher.dispatch(x_TD, plan)  # checks the ranks agree first
         # The load report is a metric: reduce it in the background while experts compute.
         load = self.dispatcher.start_sum_over_group(plan.tokens_per_expert_E)
-        rows_RD, state = self.dispatcher.dispatch(x_TD, plan)
         out_RD = self.experts(rows_RD, state.counts_e)
         y_TD = self.dispatcher.combine(out_RD, state, plan)
         if self.shared_expert is not None:
