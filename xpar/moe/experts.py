@@ -68,21 +68,18 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, counts_e, activation, w1_eDF, w2_eFD, w3_eDF):
         R, F_ = x_RD.shape[0], w1_eDF.shape[2]
-        out_RD = x_RD.new_empty(R, w2_eFD.shape[2])
+        groups = _row_groups(counts_e)
         h1_RF = x_RD.new_empty(R, F_)
         h3_RF = torch.empty_like(h1_RF) if w3_eDF is not None else None
-        a_RF = torch.empty_like(h1_RF)  # kept for backward, as autograd would keep it
-        start = 0
-        for i, n in enumerate(counts_e):
-            if n == 0:
-                continue
-            sl = slice(start, start + n)
+        for i, sl in groups:
             torch.mm(x_RD[sl], w1_eDF[i], out=h1_RF[sl])
             if h3_RF is not None:
                 torch.mm(x_RD[sl], w3_eDF[i], out=h3_RF[sl])
-            a_RF[sl] = _act_fwd(h1_RF[sl], None if h3_RF is None else h3_RF[sl], activation)
+        # Elementwise work once over all rows, not once per expert.
+        a_RF = _act_fwd(h1_RF, h3_RF, activation)
+        out_RD = x_RD.new_empty(R, w2_eFD.shape[2])
+        for i, sl in groups:
             torch.mm(a_RF[sl], w2_eFD[i], out=out_RD[sl])
-            start += n
         ctx.save_for_backward(x_RD, h1_RF, h3_RF, a_RF, w1_eDF, w2_eFD, w3_eDF)
         ctx.counts_e, ctx.activation = counts_e, activation
         return out_RD
@@ -90,34 +87,41 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RD):
         x_RD, h1_RF, h3_RF, a_RF, w1, w2, w3 = ctx.saved_tensors
-        act = ctx.activation
+        groups = _row_groups(ctx.counts_e)
         grad_RD = grad_RD.contiguous()
-        # Every row belongs to one expert, so gx is fully written; only experts
-        # with no rows need explicit zeros.
-        gx_RD = torch.empty_like(x_RD)
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gw3 = torch.empty_like(w3) if w3 is not None else None
-        start = 0
+        # Experts with no rows still get an explicit zero gradient.
         for i, n in enumerate(ctx.counts_e):
             if n == 0:
                 for g in (gw1, gw2, gw3):
                     if g is not None:
                         g[i].zero_()
-                continue
-            sl = slice(start, start + n)
-            x, g = x_RD[sl], grad_RD[sl]
-            h1 = h1_RF[sl]
-            h3 = h3_RF[sl] if h3_RF is not None else None
-            torch.mm(a_RF[sl].t(), g, out=gw2[i])
-            g_a = g @ w2[i].t()
-            g_h1, g_h3 = _act_bwd(g_a, h1, h3, act)
-            torch.mm(x.t(), g_h1, out=gw1[i])
-            torch.mm(g_h1, w1[i].t(), out=gx_RD[sl])
-            if g_h3 is not None:
-                torch.mm(x.t(), g_h3, out=gw3[i])
-                gx_RD[sl] += g_h3 @ w3[i].t()  # not addmm_: FLOP counters skip in-place ops
-            start += n
+        g_a_RF = torch.empty_like(a_RF)
+        for i, sl in groups:
+            torch.mm(a_RF[sl].t(), grad_RD[sl], out=gw2[i])
+            torch.mm(grad_RD[sl], w2[i].t(), out=g_a_RF[sl])
+        g_h1_RF, g_h3_RF = _act_bwd(g_a_RF, h1_RF, h3_RF, ctx.activation)
+        # Every row belongs to one expert, so gx is fully written.
+        gx_RD = torch.empty_like(x_RD)
+        for i, sl in groups:
+            x = x_RD[sl]
+            torch.mm(x.t(), g_h1_RF[sl], out=gw1[i])
+            torch.mm(g_h1_RF[sl], w1[i].t(), out=gx_RD[sl])
+            if g_h3_RF is not None:
+                torch.mm(x.t(), g_h3_RF[sl], out=gw3[i])
+                gx_RD[sl] += g_h3_RF[sl] @ w3[i].t()  # not addmm_: FLOP counters skip it
         return gx_RD, None, None, gw1, gw2, gw3
+
+
+def _row_groups(counts_e: list[int]) -> list[tuple[int, slice]]:
+    """(expert, row slice) for every expert that has rows."""
+    out, start = [], 0
+    for i, n in enumerate(counts_e):
+        if n:
+            out.append((i, slice(start, start + n)))
+            start += n
+    return out
 
 
 class GroupedExperts(nn.Module):
