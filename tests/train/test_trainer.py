@@ -189,3 +189,33 @@ def test_config_error_is_reported_before_any_process_group(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "xpar: config error: parallel.ep_size=3" in p.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_corpus_without_a_sequence_is_a_config_error_before_any_process_group(tmp_path):
+    (tmp_path / "tiny.txt").write_text("too short\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "xpar.train",
+        "experiment=tiny",
+        "data=files",
+        f"data.files=[{tmp_path / 'tiny.txt'}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.out_dir={tmp_path / 'out'}",
+    ]
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "WORLD_SIZE": "2",
+            "RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "1",
+        },
+    )
+    # WORLD_SIZE=2 with nobody else: reaching the rendezvous would hang or fail differently.
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "xpar: config error: data.seq_len=64 leaves no train block" in p.stderr

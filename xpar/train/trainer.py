@@ -139,22 +139,30 @@ def train(cfg: XparConfig) -> TrainResult:
     _seed_everything(tc.seed)
 
     owns_process_group = not (dist.is_available() and dist.is_initialized())
+    # Data before any process group: a corpus that yields no sequence is a config error
+    # and must not leave ranks waiting in a rendezvous. Every rank builds (or loads the
+    # cached) token stream, under a file lock, and takes its own shard.
+    env_rank = dist.get_rank() if not owns_process_group else int(os.environ.get("RANK", "0"))
+    env_world = (
+        dist.get_world_size() if not owns_process_group else int(os.environ.get("WORLD_SIZE", "1"))
+    )
+    data = build_data(
+        cfg.data, rank=env_rank, world_size=env_world, micro_batch_size=tc.micro_batch_size
+    )
+    vocab = cfg.model.vocab_size or _padded_vocab(data.tokenizer.vocab_size)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     groups = init_parallel(
         cfg.ep_size(int(os.environ.get("WORLD_SIZE", "1"))),
         cfg.parallel.backend,
         cfg.parallel.timeout_s,
     )
     rank, world = groups.rank, groups.world_size
+    assert (rank, world) == (env_rank, env_world), "launcher env disagrees with the process group"
     device = _device(groups)
     out_dir = Path(tc.out_dir).resolve()
     ckpt_root = out_dir / "checkpoints"
     if rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-
-    # Data: every rank builds (or loads the cached) token stream; its own shard.
-    data = build_data(cfg.data, rank=rank, world_size=world, micro_batch_size=tc.micro_batch_size)
-    vocab = cfg.model.vocab_size or _padded_vocab(data.tokenizer.vocab_size)
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
 
     # Model: same seed on every rank, so dense params agree and experts are sliced consistently.
     torch.manual_seed(tc.seed)
