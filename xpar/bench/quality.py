@@ -135,7 +135,8 @@ def write_plot(result: QualityResult, path: str | os.PathLike) -> Path | None:
     later = [v for a in (result.dense, result.moe) for s, v in a.val_curve.items() if s > 0]
     if later:
         top = max(later)
-        ax.set_ylim(result.target_loss - 0.6 * (top - result.target_loss), top)
+        low = min(v for a in (result.dense, result.moe) for v in a.val_curve.values())
+        ax.set_ylim(low - 0.05 * (top - low), top)
     ratio = f"{result.ratio:.2f}" if result.ratio is not None else "not reached"
     ax.set_title(
         f"Validation loss, equal active params; moe/dense steps to dense final: {ratio}",
@@ -144,7 +145,7 @@ def write_plot(result: QualityResult, path: str | os.PathLike) -> Path | None:
     ax.set_xlabel(f"step ({result.tokens_per_step} tokens each)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
