@@ -17,7 +17,10 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   $PIP install -c launch/constraints.txt torch==2.13.0
 fi
-$PIP install -c launch/constraints.txt -e ".[dev]"
+# dev: test tools and linters; slurm, bench: so their tests run rather than skip.
+$PIP install -c launch/constraints.txt -e ".[dev,slurm,bench]"
+# Console scripts of the venv (hadolint, shellcheck, torchrun) without activating it.
+export PATH="$VENV/bin:$PATH"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cmd=${1:-test}
 shift || true
