@@ -116,3 +116,15 @@ def test_tiny_benchmark_end_to_end(tmp_path, capsys):
     main(["--steps", "2", "--out", str(out), *TINY])
     summary = json.loads((out / "quality.json").read_text())
     assert sorted(int(k) for k in summary["dense"]["val_curve"]) == [0, 2]
+
+
+def test_progress_reads_the_last_complete_row(tmp_path):
+    from xpar.bench.quality import _last_step
+
+    m = tmp_path / "metrics.jsonl"
+    assert _last_step(m) == 0  # not written yet
+    big = {"step": 7, "loss": 1.0, **{f"moe/layer{i}/x": 0.5 for i in range(200)}}
+    m.write_text(
+        json.dumps({"step": 6, "loss": 1.0}) + "\n" + json.dumps(big) + '\n{"step": 8, "lo'
+    )
+    assert _last_step(m) == 7

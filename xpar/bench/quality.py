@@ -171,14 +171,20 @@ def _child_env(threads: int) -> dict[str, str]:
 
 
 def _last_step(metrics: Path) -> int:
+    """The newest complete row's step in a metrics.jsonl being written (0 if none yet)."""
     try:
         with open(metrics, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 512))
-            last = f.read().splitlines()[-1]
-        return int(json.loads(last)["step"])
-    except (OSError, IndexError, ValueError, KeyError):
+            f.seek(max(0, f.tell() - 8192))  # log-step rows carry many fields
+            lines = f.read().splitlines()
+    except OSError:
         return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a row cut in half by the writer or by the seek
+    return 0
 
 
 def _model_line(log: Path) -> str:
