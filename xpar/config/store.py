@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import typing
 import warnings
 from collections.abc import Mapping, Sequence
@@ -57,6 +56,7 @@ from xpar.config.schema import (
     looks_like_secret,
 )
 from xpar.errors import XparConfigError
+from xpar.redact import REDACTED, is_secret_key
 
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -68,16 +68,6 @@ GROUP_SCHEMAS: dict[str, type] = {
 }
 ROOT_SCHEMA_NAME = "xpar_schema"
 GROUP_SCHEMA_NAME = "schema"
-REDACTED = "<redacted>"
-_SECRET_KEY_WORDS = frozenset(
-    ("key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth")
-)
-
-
-def _is_secret_key(key: str) -> bool:
-    """Whole words only: `api_key`, `hfToken`, `WANDB_API_KEY` are secrets; `tokenizer` is not."""
-    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
-    return any(w in _SECRET_KEY_WORDS for w in words)
 
 
 class XparConfigWarning(UserWarning):
@@ -263,7 +253,7 @@ def to_plain_dict(cfg: XparConfig | DictConfig) -> dict[str, Any]:
 
 
 def _scrub(x: Any, key: str = "") -> Any:
-    if key and _is_secret_key(key) and not _is_empty(x):
+    if key and is_secret_key(key) and not _is_empty(x):
         return REDACTED
     if isinstance(x, Mapping):
         return {str(k): _scrub(v, str(k)) for k, v in x.items()}

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from xpar.errors import XparConfigError
+from xpar.redact import REDACTED, is_secret_key
 
 __all__ = [
     "MonitorConfig",
@@ -92,25 +93,12 @@ def _check_logger_cfg(cfg: Any) -> None:
 # Config: plain dict, secrets removed
 # --------------------------------------------------------------------------------------
 
-REDACTED = "<redacted>"
-# Key names are split into words (snake, kebab, dots, camelCase) and matched word by word,
-# so `hf_token`, `apiKey`, `WANDB_API_KEY` go but `tokenizer` and `max_tokens` stay.
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "credential"}
 _SECRET_VALUE_RES = [
     # W&B API keys: 40 hex chars, optionally prefixed by a host label ("local-<40 hex>").
     # A 40-hex git sha in the config is redacted too: a small price for never leaking a key.
     re.compile(r"(?<![0-9A-Za-z])(?:[A-Za-z0-9_]+-)?[0-9a-fA-F]{40}(?![0-9A-Za-z])"),
     re.compile(r"(?<![0-9A-Za-z])hf_[A-Za-z0-9]{30,}"),  # Hugging Face tokens
 ]
-
-
-def _key_words(key: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
-    return [w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w]
-
-
-def _is_secret_key(key: Any) -> bool:
-    return isinstance(key, str) and any(w in _SECRET_WORDS for w in _key_words(key))
 
 
 def scrub_secrets(obj: Any) -> Any:
@@ -121,7 +109,7 @@ def scrub_secrets(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         out = {}
         for k, v in obj.items():
-            if _is_secret_key(k) and v not in (None, "", {}, []):
+            if is_secret_key(k) and v not in (None, "", {}, []):
                 out[k] = REDACTED
             else:
                 out[k] = scrub_secrets(v)
