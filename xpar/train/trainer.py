@@ -56,10 +56,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state()[1].tolist(),
-        "python": repr(random.getstate()),
+        "python": [version, list(internal), gauss],
     }
 
 
@@ -69,7 +70,8 @@ def _set_rng_state(state: dict) -> None:
     np_state = list(np.random.get_state())
     np_state[1] = np.asarray(state["numpy"], dtype=np.uint32)
     np.random.set_state(tuple(np_state))
-    random.setstate(eval(state["python"], {"__builtins__": {}}))  # noqa: S307 - our own repr
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def _padded_vocab(n: int, multiple: int = 64) -> int:
@@ -303,21 +305,31 @@ def train(cfg: XparConfig) -> TrainResult:
         loss = _mean_over_ranks([ce_sum / tc.grad_accum], device)[0]
         result.losses[step] = loss
         monitor.tick(step)
+        row = {"step": step, "loss": loss}
         if monitor.should_log(step):
             lb = [a.lb_loss.item() for a in auxes]
             zl = [a.z_loss.item() for a in auxes]
-            per_layer = []
-            for a in auxes:
-                drop, ent = _mean_over_ranks(
-                    [a.dropped_fraction.item(), a.router_entropy.item()], device
+            # One all-reduce for every layer's drop fraction and router entropy.
+            means = (
+                _mean_over_ranks(
+                    [
+                        v
+                        for a in auxes
+                        for v in (a.dropped_fraction.item(), a.router_entropy.item())
+                    ],
+                    device,
                 )
-                per_layer.append(
-                    {
-                        "tokens_per_expert": a.tokens_per_expert.cpu(),
-                        "dropped_fraction": drop,
-                        "router_entropy": ent,
-                    }
-                )
+                if auxes
+                else []
+            )
+            per_layer = [
+                {
+                    "tokens_per_expert": a.tokens_per_expert.cpu(),
+                    "dropped_fraction": means[2 * i],
+                    "router_entropy": means[2 * i + 1],
+                }
+                for i, a in enumerate(auxes)
+            ]
             gn = ds.grad_norm(engine)
             lr = (
                 engine.optimizer.param_groups[0]["lr"]
@@ -334,14 +346,11 @@ def train(cfg: XparConfig) -> TrainResult:
                 z_loss=(sum(zl) / len(zl)) if zl else None,
                 moe_layers=per_layer,
             )
-            if rank == 0:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn}
-                    row.update({k: v for k, v in logged.items() if isinstance(v, (int, float))})
-                    f.write(json.dumps(row) + "\n")
-        elif rank == 0:
+            row.update(lr=lr, grad_norm=gn)
+            row.update({k: v for k, v in logged.items() if isinstance(v, (int, float))})
+        if rank == 0:
             with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                f.write(json.dumps(row) + "\n")
         if step % tc.eval_every == 0 and step < tc.steps:
             vl = evaluate(engine, val_batches, device, dtype)
             monitor.log_val(step, vl)
