@@ -71,7 +71,7 @@ BAD = [
     (["train.eval_every=0"], 2, ["train.eval_every=0", ">= 1"]),
     (["train.ckpt_every=-5"], 2, ["train.ckpt_every=-5", ">= 1"]),
     (["logger.log_every=0"], 2, ["logger.log_every=0", ">= 1"]),
-    (["logger.hist_every=0"], 2, ["logger.hist_every=0", ">= 1"]),
+    (["logger.hist_every=-1"], 2, ["logger.hist_every=-1", "or 0 for none"]),
     (["logger.wandb_mode=cloud"], 2, ["logger.wandb_mode='cloud'", "offline, online, disabled"]),
     (["parallel.backend=nccl"], 2, ["parallel.backend='nccl'", "without CUDA", "gloo"]),
     (["parallel.precision=fp16"], 2, ["parallel.precision='fp16'", "fp32, bf16"]),

@@ -222,7 +222,9 @@ class LoggerConfig:
                 fix = f"W&B names cannot contain {' '.join(bad)}; remove them"
                 raise _bad(prefix, name, v, fix)
         _need_int(prefix, self, "log_every", 1, "log every n >= 1 steps")
-        _need_int(prefix, self, "hist_every", 1, "log expert-load histograms every n >= 1 steps")
+        _need_int(
+            prefix, self, "hist_every", 0, "log expert-load histograms every n >= 1 steps, or 0 for none"
+        )
         _need_choice(prefix, self, "progress_bar", PROGRESS_BARS)
 
 
