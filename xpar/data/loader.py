@@ -84,10 +84,6 @@ class TrainLoader:
         return self.micro_batch_size * self.world_size
 
     @property
-    def steps_per_epoch(self) -> float:
-        return self.num_blocks / self.global_batch_blocks
-
-    @property
     def epoch_progress(self) -> float:
         """Epochs done so far as a float (for logging)."""
         return self.epoch + self.index / self.num_blocks
