@@ -1,4 +1,4 @@
-"""Expert-parallel parity on real gloo process groups (2 and 4 ranks).
+"""The MoE layer's expert-parallel dispatch on real gloo groups (2 and 4 ranks) vs one process.
 
 Every rank also builds a one-process reference holding all experts and runs it
 on every rank's tokens, so the comparison needs no gathering of results.
