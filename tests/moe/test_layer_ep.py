@@ -94,9 +94,9 @@ def _ep_parity(rank, world, cases, mode):
                 errs[pname] = (p.grad - getattr(ref.experts, pname).grad[sl]).abs().max().item()
         errs["router"] = (router_grad - ref.router.weight.grad).abs().max().item()
         if ep.shared_expert is not None:
-            g = ep.shared_expert.w1.grad.clone()
+            g = ep.shared_expert.w1.weight.grad.clone()
             dist.all_reduce(g)
-            errs["shared"] = (g - ref.shared_expert.w1.grad).abs().max().item()
+            errs["shared"] = (g - ref.shared_expert.w1.weight.grad).abs().max().item()
         errs["tokens_per_expert"] = (aux.tokens_per_expert - counts).abs().max().item()
         out[name] = errs
     return out

@@ -1,41 +1,35 @@
-"""Typed, self-validating config tree and its Hydra plumbing (see schema.py and store.py)."""
+"""Typed, self-validating config tree and its Hydra plumbing (see schema.py and store.py).
 
-from xpar.config.schema import (
-    LoggerConfig,
-    OptimConfig,
-    ParallelConfig,
-    TrainConfig,
-    XparConfig,
-    looks_like_secret,
-)
-from xpar.config.store import (
-    CONFIG_DIR,
-    XparConfigWarning,
-    compose_config,
-    compose_dictconfig,
-    current_rank,
-    find_config_dir,
-    hydra_rank_overrides,
-    load_and_validate,
-    register_configs,
-    to_plain_dict,
-)
+Names load on first use: config nodes elsewhere (moe, models, data) import
+xpar.config.checks, which must not pull in the schema that imports them.
+"""
 
-__all__ = [
-    "CONFIG_DIR",
-    "LoggerConfig",
-    "OptimConfig",
-    "ParallelConfig",
-    "TrainConfig",
-    "XparConfig",
-    "XparConfigWarning",
-    "compose_config",
-    "compose_dictconfig",
-    "current_rank",
-    "find_config_dir",
-    "hydra_rank_overrides",
-    "load_and_validate",
-    "looks_like_secret",
-    "register_configs",
-    "to_plain_dict",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LoggerConfig": "schema",
+    "OptimConfig": "schema",
+    "ParallelConfig": "schema",
+    "TrainConfig": "schema",
+    "XparConfig": "schema",
+    "looks_like_secret": "schema",
+    "CONFIG_DIR": "store",
+    "XparConfigWarning": "store",
+    "compose_config": "store",
+    "compose_dictconfig": "store",
+    "current_rank": "store",
+    "find_config_dir": "store",
+    "load_and_validate": "store",
+    "register_configs": "store",
+    "to_plain_dict": "store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'xpar.config' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"xpar.config.{_EXPORTS[name]}"), name)

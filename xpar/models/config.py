@@ -1,12 +1,28 @@
-"""ModelConfig: the decoder-only Transformer's shape; validates itself."""
+"""ModelConfig: the decoder-only Transformer's shape; validates itself.
+
+Attention variants come from the attention registry (xpar.models.attention),
+activations from xpar.activations.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from xpar.activations import ACTIVATIONS
+from xpar.config.checks import (
+    bad,
+    build_options,
+    is_int,
+    need_bool,
+    need_choice,
+    need_ints,
+    need_positive,
+)
 from xpar.errors import XparConfigError
-from xpar.moe.config import ACTIVATIONS
+
+if TYPE_CHECKING:
+    from xpar.moe.config import MoEConfig
 
 
 @dataclass
@@ -15,6 +31,7 @@ class ModelConfig:
 
     vocab_size=0 means "take it from the tokenizer"; the model itself needs it > 0.
     d_ff is the width of the dense FFN blocks (MoE blocks use moe.d_ff).
+    attention names a registered variant; attention_options are that variant's own.
     """
 
     vocab_size: int = 0
@@ -28,52 +45,75 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     activation: str = "gelu"
+    attention: str = "dense"
+    attention_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self, prefix: str = "model") -> None:
-        def bad(field: str, value: object, fix: str) -> XparConfigError:
-            return XparConfigError(f"{prefix}.{field}={value!r} is invalid: {fix}")
+        from xpar.models.attention import attention_names, get_attention
 
-        if not _is_int(self.vocab_size) or self.vocab_size < 0:
-            raise bad("vocab_size", self.vocab_size, "use 0 (take it from the tokenizer) or >= 1")
-        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise bad(name, v, "use an integer >= 1")
+        if not is_int(self.vocab_size) or self.vocab_size < 0:
+            raise bad(
+                prefix, "vocab_size", self.vocab_size, "use 0 (take it from the tokenizer) or >= 1"
+            )
+        need_ints(prefix, self, ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"), 1)
+        self._check_heads(prefix)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            need_positive(prefix, self, name)
+        need_bool(prefix, self, "tie_embeddings")
+        need_choice(prefix, self, "activation", ACTIVATIONS)
+        need_choice(prefix, self, "attention", attention_names())
+        get_attention(self.attention).check(self, prefix)
+        self.attention_opts(prefix)
+
+    def _check_heads(self, prefix: str) -> None:
         if self.d_model % self.n_heads != 0:
             raise bad(
+                prefix,
                 "n_heads",
                 self.n_heads,
                 f"model.d_model={self.d_model} must be divisible by n_heads; "
                 "choose n_heads that divides d_model",
             )
-        head_dim = self.d_model // self.n_heads
-        if head_dim % 2 != 0:
+        if self.head_dim % 2 != 0:
             raise bad(
+                prefix,
                 "n_heads",
                 self.n_heads,
-                f"head dim d_model/n_heads={head_dim} is odd but rotary embedding needs it even; "
-                "change d_model or n_heads",
+                f"head dim d_model/n_heads={self.head_dim} is odd but rotary embedding needs it "
+                "even; change d_model or n_heads",
             )
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            v = getattr(self, name)
-            if not _is_number(v) or not v > 0 or math.isinf(v):
-                raise bad(name, v, "use a finite number > 0")
-        if not isinstance(self.tie_embeddings, bool):
-            raise bad("tie_embeddings", self.tie_embeddings, "use true or false")
-        if self.activation not in ACTIVATIONS:
-            raise bad("activation", self.activation, f"choose one of {', '.join(ACTIVATIONS)}")
+
+    def attention_opts(self, prefix: str = "model") -> Any:
+        """model.attention_options as the variant's typed Options (unknown keys refused)."""
+        from xpar.models.attention import get_attention
+
+        return build_options(
+            get_attention(self.attention).Options,
+            self.attention_options,
+            f"{prefix}.attention_options",
+        )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def moe_block_ids(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list[int]:
+    """Indices of the blocks whose FFN is an MoE layer: (i + 1) % every == 0."""
+    if moe_cfg.every <= 0:
+        return []
+    return [i for i in range(model_cfg.n_layers) if (i + 1) % moe_cfg.every == 0]
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def check_causal(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
+    """A causal decoder refuses routers whose choice for a token depends on other tokens."""
+    if moe_block_ids(model_cfg, moe_cfg) and not moe_cfg.is_causal:
+        raise XparConfigError(
+            f"moe.router={moe_cfg.router!r} is not allowed in this decoder-only (causal) model: "
+            "its routing of a token depends on other tokens in the batch, future tokens "
+            "included, so a token's output would leak the future; use a causal (token-choice) "
+            "router such as moe=topk or moe=switch"
+        )

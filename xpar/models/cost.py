@@ -1,45 +1,46 @@
 """Parameter and FLOP cost of a model, from its configs alone.
 
-Notation: V vocab, D d_model, N n_layers, F dense d_ff, E experts, k top_k,
-Fe expert d_ff, Fs shared-expert d_ff, L sequence length, and
-m(act) = 3 matrices for swiglu (w1, w3, w2), else 2 (w1, w2).
+Notation: V vocab, D d_model, N n_layers, F dense d_ff, E experts, k experts per token
+(the router's `experts_per_token`), Fe expert d_ff, Fs shared-expert d_ff, L sequence
+length, and m(act) the activation's matrix count (3 for gated swiglu: w1, w3, w2; else 2).
 
 Parameters (no biases anywhere):
     attention per block   4 D^2            (wqkv 3 D^2 + wo D^2)
     norms per block       2 D              (+ D for the final norm)
     dense FFN             m(model.act) D F
-    MoE FFN               E D (router) + E m(moe.act) D Fe + m(moe.act) D Fs (shared)
+    MoE FFN               router (its `num_params`; E D for a linear router)
+                          + E m(moe.act) D Fe + m(moe.act) D Fs (shared)
     embedding             V D              (+ V D LM head unless tied)
 
 active_params: the parameters one token touches. Everything, except that each
 MoE block counts only k routed experts instead of E (router and shared expert
-in full). For expert choice, experts take capacity_factor * T / E tokens each,
-so a token visits capacity_factor experts on average: that replaces k. The
-embedding table counts in full (as it does in total_params).
+in full); k comes from the router (expert choice: capacity_factor on average).
+The embedding table counts in full (as it does in total_params).
 
 FLOPs per token (training = forward + backward = 3 x forward):
-    forward = 2 * matmul_active_params + 2 * 2 * N * L * D
+    forward = 2 * matmul_active_params + N * attention.flops_per_token(L)
 where matmul_active_params = active_params - norm weights - (embedding table
 + untied LM head) + V D: the embedding is a lookup, not a matmul; the LM head
-is one V D matmul, tied or not. The router is a matmul and counts. The attention term is
-QK^T and AV over the FULL L x L score matrix per layer (not halved for the
-causal mask): this matches what SDPA's math path and
-torch.utils.flop_counter count, and is an upper bound for flash kernels that
-skip masked tiles. Element-wise work (norms, activations, softmax, rotary)
-is not counted.
+is one V D matmul, tied or not. The router is a matmul and counts. The attention term comes from the
+attention variant (dense: 2 * 2 * L * D, QK^T and AV over the FULL L x L score
+matrix, not halved for the causal mask, which matches SDPA's math path and
+torch.utils.flop_counter and bounds flash kernels that skip masked tiles).
+Element-wise work (norms, activations, softmax, rotary) is not counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from xpar.models.config import ModelConfig
-from xpar.models.transformer import moe_block_ids
+from xpar.activations import get_activation
+from xpar.models.attention import get_attention
+from xpar.models.config import ModelConfig, moe_block_ids
 from xpar.moe import MoEConfig
+from xpar.moe.routers import get_router
 
 
 def _mats(activation: str) -> int:
-    return 3 if activation == "swiglu" else 2
+    return get_activation(activation).matrices
 
 
 @dataclass(frozen=True)
@@ -72,26 +73,23 @@ def model_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> Mode
     norms = N * 2 * D + D
     dense_ffn = n_dense * _mats(model_cfg.activation) * D * model_cfg.d_ff
     per_expert = _mats(moe_cfg.activation) * D * moe_cfg.d_ff
-    router = moe_cfg.num_experts * D
+    router_cls = get_router(moe_cfg.router)
+    router = router_cls.num_params(D, moe_cfg)
     shared = _mats(moe_cfg.activation) * D * moe_cfg.shared_expert_d_ff
     moe = n_moe * (router + moe_cfg.num_experts * per_expert + shared)
     embedding = V * D
     lm_head = 0 if model_cfg.tie_embeddings else V * D
     total = embedding + lm_head + norms + attention + dense_ffn + moe
 
-    if n_moe == 0:
-        experts_per_token = 0.0
-    elif moe_cfg.router == "expert_choice":
-        experts_per_token = min(float(moe_cfg.capacity_factor), float(moe_cfg.num_experts))
-    else:
-        experts_per_token = float(moe_cfg.top_k)
+    experts_per_token = router_cls.experts_per_token(moe_cfg) if n_moe else 0.0
     active = total - n_moe * (moe_cfg.num_experts - experts_per_token) * per_expert
     if float(active).is_integer():
         active = int(active)
     # The lookup table is no matmul; the LM head is one, even when it shares that table.
     matmul_active = active - norms - (embedding + lm_head) + V * D
 
-    attn_flops = 2 * 2 * N * seq_len * D
+    kernel = get_attention(model_cfg.attention)
+    attn_flops = N * kernel.flops_per_token(seq_len, D, model_cfg.attention_opts())
     fwd = 2 * matmul_active + attn_flops
     return ModelCost(
         total_params=total,

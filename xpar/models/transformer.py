@@ -12,19 +12,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xpar.errors import XparConfigError
-from xpar.models.config import ModelConfig
+from xpar.models.attention import get_attention
+from xpar.models.config import ModelConfig, check_causal, moe_block_ids
+from xpar.models.mlp import MLP
 from xpar.moe import MoEConfig, MoELayer
-
-
-def moe_block_ids(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list[int]:
-    """Indices of the blocks whose FFN is an MoE layer: (i + 1) % every == 0."""
-    if moe_cfg.every <= 0:
-        return []
-    return [i for i in range(model_cfg.n_layers) if (i + 1) % moe_cfg.every == 0]
 
 
 class RMSNorm(nn.Module):
@@ -66,13 +60,17 @@ def apply_rotary(x_BHLK: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tenso
     return out.to(x_BHLK.dtype)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class SelfAttention(nn.Module):
+    """Projections, heads and rotary positions; the registered variant does the mixing."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
+        self.causal = causal
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kernel = get_attention(cfg.attention)(cfg.n_heads, cfg.head_dim, cfg.attention_opts())
 
     def forward(self, x_BLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor):
         B, L, D = x_BLD.shape
@@ -80,33 +78,8 @@ class CausalSelfAttention(nn.Module):
         q_BHLK, k_BHLK, v_BHLK = qkv_BL3HK.permute(2, 0, 3, 1, 4).unbind(0)
         q_BHLK = apply_rotary(q_BHLK, cos_LK, sin_LK)
         k_BHLK = apply_rotary(k_BHLK, cos_LK, sin_LK)
-        o_BHLK = F.scaled_dot_product_attention(q_BHLK, k_BHLK, v_BHLK, is_causal=True)
+        o_BHLK = self.kernel(q_BHLK, k_BHLK, v_BHLK, causal=self.causal)
         return self.wo(o_BHLK.transpose(1, 2).reshape(B, L, D))
-
-
-class MLP(nn.Module):
-    """Dense FFN: w2(act(w1 x)), or w2(silu(w1 x) * w3 x) for swiglu."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
-        super().__init__()
-        self.activation = activation
-        self.w1 = nn.Linear(d_model, d_ff, bias=False)
-        self.w2 = nn.Linear(d_ff, d_model, bias=False)
-        self.w3 = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w1(x)
-        if self.activation == "swiglu":
-            h = F.silu(h) * self.w3(x)
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        elif self.activation == "relu":
-            h = F.relu(h)
-        elif self.activation == "squared_relu":
-            h = F.relu(h).square()
-        else:  # ModelConfig.validate rejects anything else
-            raise AssertionError(self.activation)
-        return self.w2(h)
 
 
 class Block(nn.Module):
@@ -115,7 +88,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe_cfg is not None
         if moe_cfg is not None:
@@ -123,11 +96,17 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.activation)
 
-    def forward(self, x_BLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor):
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        cos_LK: torch.Tensor,
+        sin_LK: torch.Tensor,
+        tokens_BL: torch.Tensor | None = None,
+    ):
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LK, sin_LK)
         h_BLD = self.ffn_norm(x_BLD)
         if self.is_moe:
-            y_BLD, aux = self.ffn(h_BLD)
+            y_BLD, aux = self.ffn(h_BLD, tokens_BL)
         else:
             y_BLD, aux = self.ffn(h_BLD), None
         return x_BLD + y_BLD, aux
@@ -150,16 +129,10 @@ class MoETransformer(nn.Module):
                 f"model.vocab_size={model_cfg.vocab_size} is invalid for building a model: "
                 "set it to the tokenizer's vocabulary size (0 is only a placeholder)"
             )
+        check_causal(model_cfg, moe_cfg)
         self.model_cfg = model_cfg
         self.moe_cfg = moe_cfg
         moe_ids = set(moe_block_ids(model_cfg, moe_cfg))
-        if moe_ids and not moe_cfg.is_causal:
-            raise XparConfigError(
-                f"moe.router={moe_cfg.router!r} is invalid in a causal decoder: its routing of a "
-                "token depends on later tokens in the batch, which leaks the future; "
-                "use moe.router=topk (token choice)"
-            )
-
         self.tok_emb = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
         self.blocks = nn.ModuleList(
             Block(model_cfg, moe_cfg if i in moe_ids else None, ep_group)
@@ -173,7 +146,11 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """normal(init_std) everywhere; residual-branch outputs get init_std / sqrt(2 n_layers)."""
+        """normal(init_std) everywhere; residual-branch outputs get init_std / sqrt(2 n_layers).
+
+        Each FFN (dense MLP or MoE layer) draws its own weights in a fixed order; expert
+        banks are drawn whole and sliced, so the init does not depend on the EP layout.
+        """
         std = self.model_cfg.init_std
         out_std = std / math.sqrt(2 * self.model_cfg.n_layers)
         nn.init.normal_(self.tok_emb.weight, std=std)
@@ -185,10 +162,7 @@ class MoETransformer(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.wqkv.weight, std=std)
             nn.init.normal_(block.attn.wo.weight, std=out_std)
-            if block.is_moe:
-                _init_moe(block.ffn, std, out_std)
-            else:
-                _init_mlp(block.ffn, std, out_std)
+            block.ffn.reset_parameters(std, out_std)
 
     def forward(self, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, list]:
         L = tokens_BL.shape[1]
@@ -203,33 +177,9 @@ class MoETransformer(nn.Module):
         x_BLD = self.tok_emb(tokens_BL)
         aux_list = []
         for block in self.blocks:
-            x_BLD, aux = block(x_BLD, cos_LK, sin_LK)
+            # Token ids go along for routers that route by them (hash layers).
+            x_BLD, aux = block(x_BLD, cos_LK, sin_LK, tokens_BL)
             if aux is not None:
                 aux_list.append(aux)
         logits_BLV = self.lm_head(self.norm(x_BLD))
         return logits_BLV, aux_list
-
-
-def _init_mlp(mlp: nn.Module, std: float, out_std: float) -> None:
-    # Dense MLPs hold nn.Linear; the MoE shared expert holds bare Parameters.
-    for name, s in (("w1", std), ("w3", std), ("w2", out_std)):
-        w = getattr(mlp, name, None)
-        if w is not None:
-            nn.init.normal_(w if isinstance(w, nn.Parameter) else w.weight, std=s)
-
-
-def _init_moe(layer: MoELayer, std: float, out_std: float) -> None:
-    nn.init.normal_(layer.router.weight, std=std)
-    experts = layer.experts
-    num_experts = layer.cfg.num_experts
-    for name, s in (("w1", std), ("w3", std), ("w2", out_std)):
-        w_eXY = getattr(experts, name, None)
-        if w_eXY is None:
-            continue
-        # Draw the whole bank and keep this shard's slice, so an expert's initial
-        # weights (and the RNG stream after them) do not depend on the EP layout.
-        full_EXY = w_eXY.new_empty(num_experts, *w_eXY.shape[1:])
-        nn.init.normal_(full_EXY, std=s)
-        w_eXY.copy_(full_EXY[experts.first : experts.first + experts.num_local])
-    if layer.shared_expert is not None:
-        _init_mlp(layer.shared_expert, std, out_std)

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from xpar.errors import XparConfigError, XparDistributedError
-from xpar.moe.router import RoutingPlan
+from xpar.moe.experts import local_experts
+from xpar.moe.plan import RoutingPlan
 
 
 class _AllToAll(torch.autograd.Function):
@@ -92,19 +93,15 @@ class LocalDispatcher:
 
 
 class AllToAllDispatcher:
-    """Experts [i*e, (i+1)*e) live on rank i of `group`."""
+    """Rank i of `group` holds the experts `local_experts(E, ep_size, i)`."""
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup | None):
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
-        if num_experts % self.ep_size != 0:
-            raise XparConfigError(
-                f"moe.num_experts={num_experts} is not divisible by the expert-parallel size "
-                f"{self.ep_size}; choose an ep_size that divides {num_experts}"
-            )
         self.num_experts = num_experts
-        self.num_local = num_experts // self.ep_size
+        # Contiguous slices in rank order: the count exchange below relies on it.
+        self.num_local = len(local_experts(num_experts, self.ep_size, self.ep_rank))
         self._checked: set[tuple] = set()
 
     def _check_agreement(self, x_TD: torch.Tensor) -> None:

@@ -3,24 +3,30 @@
 Experts never know how many ranks exist: they get rows grouped by local expert
 and the per-expert counts.
 
-Legend: R routed rows, D model dim, F ffn dim, e local experts.
+Legend: R routed rows, D model dim, F ffn dim, E experts, e local experts.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from xpar.activations import get_activation
+from xpar.errors import XparConfigError
 
-def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gelu":
-        return F.gelu(h)  # exact erf form, like torch.nn.GELU()
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "squared_relu":
-        return F.relu(h).square()
-    raise AssertionError(f"unvalidated activation {activation!r}")
+
+def local_experts(num_experts: int, ep_size: int, ep_rank: int) -> range:
+    """Global ids of the experts that EP rank `ep_rank` of `ep_size` holds: a contiguous slice.
+
+    The one statement of the expert layout; dispatch, init and the process groups use it.
+    """
+    if num_experts % ep_size:
+        raise XparConfigError(
+            f"moe.num_experts={num_experts} is not divisible by parallel.ep_size={ep_size}; "
+            f"choose an ep_size that divides {num_experts}"
+        )
+    n_local = num_experts // ep_size
+    return range(ep_rank * n_local, (ep_rank + 1) * n_local)
 
 
 def expert_mlp(
@@ -31,30 +37,8 @@ def expert_mlp(
     activation: str,
 ) -> torch.Tensor:
     """One expert on its rows; swiglu is silu(x w1) * (x w3)."""
-    h_RF = x_RD @ w1_DF
-    if activation == "swiglu":
-        h_RF = F.silu(h_RF) * (x_RD @ w3_DF)
-    else:
-        h_RF = activate(h_RF, activation)
-    return h_RF @ w2_FD
-
-
-def _act_fwd(h1, h3, activation):
-    if activation == "swiglu":
-        return F.silu(h1) * h3
-    return activate(h1, activation)
-
-
-def _act_bwd(grad_a, h1, h3, activation):
-    """Gradients w.r.t. the pre-activations h1 (and h3 for swiglu)."""
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad_a, h1), None
-    if activation == "relu":
-        return grad_a * (h1 > 0), None
-    if activation == "squared_relu":
-        return grad_a * 2 * F.relu(h1), None
-    # swiglu: a = silu(h1) * h3
-    return torch.ops.aten.silu_backward(grad_a * h3, h1), grad_a * F.silu(h1)
+    h3_RF = x_RD @ w3_DF if w3_DF is not None else None
+    return get_activation(activation).forward(x_RD @ w1_DF, h3_RF) @ w2_FD
 
 
 class _GroupedMLP(torch.autograd.Function):
@@ -76,7 +60,7 @@ class _GroupedMLP(torch.autograd.Function):
             if h3_RF is not None:
                 torch.mm(x_RD[sl], w3_eDF[i], out=h3_RF[sl])
         # Elementwise work once over all rows, not once per expert.
-        a_RF = _act_fwd(h1_RF, h3_RF, activation)
+        a_RF = get_activation(activation).forward(h1_RF, h3_RF)
         out_RD = x_RD.new_empty(R, w2_eFD.shape[2])
         for i, sl in groups:
             torch.mm(a_RF[sl], w2_eFD[i], out=out_RD[sl])
@@ -101,7 +85,7 @@ class _GroupedMLP(torch.autograd.Function):
         for i, sl in groups:
             torch.mm(a_RF[sl].t(), grad_RD[sl], out=gw2[i])
             torch.mm(grad_RD[sl], w2[i].t(), out=g_a_RF[sl])
-        g_h1_RF, g_h3_RF = _act_bwd(g_a_RF, h1_RF, h3_RF, ctx.activation)
+        g_h1_RF, g_h3_RF = get_activation(ctx.activation).backward(g_a_RF, h1_RF, h3_RF)
         # Every row belongs to one expert, so gx is fully written.
         gx_RD = torch.empty_like(x_RD)
         for i, sl in groups:
@@ -125,11 +109,11 @@ def _row_groups(counts_e: list[int]) -> list[tuple[int, slice]]:
 
 
 class GroupedExperts(nn.Module):
-    """w1_eDF, w2_eFD (+ w3_eDF for swiglu), no biases.
+    """w1_eDF, w2_eFD (+ w3_eDF for gated activations), no biases.
 
-    Built with all `num_experts` initialised from the current RNG state and then
-    sliced to [first, first + num_local), so an expert's initial weights do not
-    depend on how the bank is sharded.
+    Holds the experts `ids` (see `local_experts`; default: all of them). Every draw is of
+    the whole bank, sliced afterwards, so an expert's initial weights (and the RNG
+    stream after them) do not depend on how the bank is sharded.
     """
 
     def __init__(
@@ -138,27 +122,38 @@ class GroupedExperts(nn.Module):
         d_model: int,
         d_ff: int,
         activation: str,
-        first: int = 0,
-        num_local: int | None = None,
+        ids: range | None = None,
         init_std: float = 0.02,
     ):
         super().__init__()
-        num_local = num_experts if num_local is None else num_local
+        self.num_experts = num_experts
+        self.ids = range(num_experts) if ids is None else ids  # global ids of these experts
+        self.num_local = len(self.ids)
         self.activation = activation
-        self.num_local = num_local
-        self.first = first
-        sl = slice(first, first + num_local)
-
-        def make(*shape: int) -> nn.Parameter:
-            full = torch.empty(num_experts, *shape)
-            nn.init.normal_(full, std=init_std)
-            p = nn.Parameter(full[sl].clone())
+        self.w1 = self._bank(d_model, d_ff, init_std)
+        self.w2 = self._bank(d_ff, d_model, init_std)
+        self.w3 = self._bank(d_model, d_ff, init_std) if get_activation(activation).gated else None
+        for p in self.parameters():
             p.xpar_expert = True  # the parallel code reduces these over the expert-DP group
-            return p
 
-        self.w1 = make(d_model, d_ff)
-        self.w2 = make(d_ff, d_model)
-        self.w3 = make(d_model, d_ff) if activation == "swiglu" else None
+    @property
+    def first(self) -> int:
+        return self.ids.start
+
+    def _draw(self, shape: tuple[int, ...], std: float) -> torch.Tensor:
+        full_EXY = torch.empty(self.num_experts, *shape)
+        nn.init.normal_(full_EXY, std=std)
+        return full_EXY[self.ids.start : self.ids.stop]
+
+    def _bank(self, rows: int, cols: int, std: float) -> nn.Parameter:
+        return nn.Parameter(self._draw((rows, cols), std).clone())
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Input banks (w1, w3) at std, the output bank (w2) at out_std, in that order."""
+        for w_eXY, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
+            if w_eXY is not None:
+                w_eXY.copy_(self._draw(tuple(w_eXY.shape[1:]), s).to(w_eXY))
 
     def forward(self, rows_RD: torch.Tensor, counts_e: list[int]) -> torch.Tensor:
         """rows_RD are grouped by local expert; counts_e[i] rows belong to expert i."""

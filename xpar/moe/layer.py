@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from xpar.models.mlp import MLP
 from xpar.moe.config import MoEConfig
 from xpar.moe.dispatch import make_dispatcher
-from xpar.moe.experts import GroupedExperts, expert_mlp
-from xpar.moe.router import build_router
+from xpar.moe.experts import GroupedExperts, local_experts
+from xpar.moe.routers import get_router
 
 
 @dataclass
@@ -28,41 +29,24 @@ class MoEAux:
     router_entropy: torch.Tensor
 
 
-class SharedExpert(nn.Module):
-    """A dense MLP every token goes through, next to the routed experts."""
-
-    def __init__(self, d_model: int, d_ff: int, activation: str, init_std: float = 0.02):
-        super().__init__()
-        self.activation = activation
-        self.w1 = nn.Parameter(torch.randn(d_model, d_ff) * init_std)
-        self.w2 = nn.Parameter(torch.randn(d_ff, d_model) * init_std)
-        self.w3 = (
-            nn.Parameter(torch.randn(d_model, d_ff) * init_std) if activation == "swiglu" else None
-        )
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x_TD, self.w1, self.w2, self.w3, self.activation)
-
-
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.d_model = d_model
-        self.router = build_router(d_model, cfg)
+        self.router = get_router(cfg.router)(d_model, cfg)
         self.dispatcher = make_dispatcher(cfg.num_experts, ep_group)
-        num_local = cfg.num_experts // self.dispatcher.ep_size
         self.experts = GroupedExperts(
             cfg.num_experts,
             d_model,
             cfg.d_ff,
             cfg.activation,
-            first=self.dispatcher.ep_rank * num_local,
-            num_local=num_local,
+            ids=local_experts(cfg.num_experts, self.dispatcher.ep_size, self.dispatcher.ep_rank),
         )
+        # A dense expert every token goes through, next to the routed ones.
         self.shared_expert = (
-            SharedExpert(d_model, cfg.shared_expert_d_ff, cfg.activation)
+            MLP(d_model, cfg.shared_expert_d_ff, cfg.activation)
             if cfg.shared_expert_d_ff > 0
             else None
         )
@@ -71,10 +55,22 @@ class MoELayer(nn.Module):
     def ep_size(self) -> int:
         return self.dispatcher.ep_size
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Router, then the expert banks, then the shared expert: the model's init order."""
+        self.router.reset_parameters(std)
+        self.experts.reset_parameters(std, out_std)
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters(std, out_std)
+
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEAux]:
+        """x [..., D]; token_ids [...] (the input ids, for routers that route by them)."""
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
-        plan = self.router(x_TD, self.cfg.capacity_factor_for(self.training))
+        token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
+        plan = self.router(x_TD, self.cfg.capacity_factor_for(self.training), token_ids_T)
         rows_RD, state = self.dispatcher.dispatch(x_TD, plan)  # checks the ranks agree first
         # The load report is a metric: reduce it in the background while experts compute.
         load = self.dispatcher.start_sum_over_group(plan.tokens_per_expert_E)

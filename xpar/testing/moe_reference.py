@@ -1,69 +1,41 @@
 """A naive per-token MoE written independently of xpar.moe's sort-based code.
 
-Loops over tokens and choices in Python; slow, obvious, and used only to check
-the real layer (forward values and, through autograd, every gradient).
+The routing comes from each router's own `naive_route` (a token-by-token loop written
+beside its vectorised forward); experts run one token at a time. Slow, obvious, and used
+only to check the real layer (forward values and, through autograd, every gradient).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from xpar.moe.config import MoEConfig
 from xpar.moe.experts import expert_mlp
+from xpar.moe.layer import MoELayer
 
 
 def naive_moe(
+    layer: MoELayer,
     x_TD: torch.Tensor,
-    router_w_ED: torch.Tensor,
-    w1_EDF: torch.Tensor,
-    w2_EFD: torch.Tensor,
-    w3_EDF: torch.Tensor | None,
-    cfg: MoEConfig,
     capacity_factor: float | None,
+    token_ids_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    """Returns (y_TD, weighted aux loss, kept (token, expert) pairs)."""
+    """Returns (y_TD, weighted aux loss, kept (token, expert) pairs) for a one-process layer."""
+    cfg, ex = layer.cfg, layer.experts
+    assert ex.num_local == cfg.num_experts, "the reference needs every expert in this process"
     T, D = x_TD.shape
-    E, K = cfg.num_experts, cfg.top_k
-    logits_TE = x_TD.float() @ router_w_ED.float().t()
-    probs_TE = torch.softmax(logits_TE, dim=-1)
+    kept, lb = layer.router.naive_route(x_TD, capacity_factor, token_ids_T)
 
     def mlp(e: int, t: int) -> torch.Tensor:
-        w3 = w3_EDF[e] if w3_EDF is not None else None
-        return expert_mlp(x_TD[t : t + 1], w1_EDF[e], w2_EFD[e], w3, cfg.activation)[0]
+        w3 = ex.w3[e] if ex.w3 is not None else None
+        return expert_mlp(x_TD[t : t + 1], ex.w1[e], ex.w2[e], w3, cfg.activation)[0]
 
     rows = [x_TD.new_zeros(D) for _ in range(T)]
-    kept: list[tuple[int, int]] = []
-    if cfg.router == "topk":
-        top_p, top_e = probs_TE.topk(K, dim=-1)
-        w = top_p / top_p.sum(-1, keepdim=True) if (K > 1 and cfg.renormalize) else top_p
-        cap = math.inf if capacity_factor is None else math.ceil(capacity_factor * K * T / E)
-        load = [0] * E
-        for k in range(K):
-            order = list(range(T))
-            if cfg.drop_policy == "probs":
-                order = sorted(order, key=lambda t: -w[t, k].item())
-            for t in order:
-                e = int(top_e[t, k])
-                if load[e] < cap:
-                    load[e] += 1
-                    kept.append((t, e))
-                    rows[t] = rows[t] + w[t, k] * mlp(e, t)
-        lb = x_TD.new_zeros((), dtype=torch.float32)
-        for i in range(E):
-            f_i = sum(1 for t in range(T) for k in range(K) if int(top_e[t, k]) == i) / max(
-                T * K, 1
-            )
-            lb = lb + f_i * probs_TE[:, i].mean()
-        lb = E * lb
-    else:
-        C = min(math.ceil(capacity_factor * T / E), T)
-        for e in range(E):
-            for t in probs_TE[:, e].topk(C).indices.tolist():
-                kept.append((t, e))
-                rows[t] = rows[t] + probs_TE[t, e] * mlp(e, t)
-        lb = logits_TE.sum() * 0.0
+    for t, e, w in kept:
+        rows[t] = rows[t] + w * mlp(e, t)
+    if layer.shared_expert is not None:
+        rows = [r + layer.shared_expert(x_TD[t : t + 1])[0] for t, r in enumerate(rows)]
+    logits_TE = x_TD.float() @ layer.router.weight.float().t()
     z = torch.stack([torch.logsumexp(logits_TE[t], 0) ** 2 for t in range(T)]).mean()
     y_TD = torch.stack(rows) if T else x_TD.new_zeros(0, D)
-    return y_TD, cfg.aux_loss_weight * lb + cfg.z_loss_weight * z, kept
+    aux = cfg.aux_loss_weight * lb + cfg.z_loss_weight * z
+    return y_TD, aux, [(t, e) for t, e, _ in kept]

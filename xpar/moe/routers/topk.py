@@ -1,0 +1,76 @@
+"""Token choice top-k (Switch for k=1, GShard/Mixtral for k>1).
+
+Each token picks its top-k distinct experts by softmax probability over all E. k=1
+keeps the raw probability as the combine weight (Switch); k>1 renormalises over the
+chosen k unless moe.renormalize is false. Capacity and drops: `plan_from_choices`.
+
+Legend: T tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xpar.moe.losses import load_balancing_loss
+from xpar.moe.plan import RoutingPlan, plan_from_choices
+from xpar.moe.routers import LinearRouter, NaiveRoute, register
+from xpar.moe.routers.base import stats_of
+
+
+@register
+class TopKRouter(LinearRouter):
+    name = "topk"
+
+    def _weights(self, probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_p_TK, top_e_TK = probs_TE.topk(self.cfg.top_k, dim=-1)
+        if self.cfg.top_k > 1 and self.cfg.renormalize:
+            return top_p_TK / top_p_TK.sum(dim=-1, keepdim=True), top_e_TK
+        return top_p_TK, top_e_TK
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        capacity_factor: float | None,
+        token_ids_T: torch.Tensor | None = None,
+    ) -> RoutingPlan:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        w_TK, top_e_TK = self._weights(probs_TE)
+        return plan_from_choices(
+            top_e_TK,
+            w_TK,
+            num_experts=self.cfg.num_experts,
+            capacity_factor=capacity_factor,
+            drop_policy=self.cfg.drop_policy,
+            stats=stats_of(logits_TE, probs_TE, load_balancing_loss(probs_TE, top_e_TK)),
+        )
+
+    def naive_route(
+        self,
+        x_TD: torch.Tensor,
+        capacity_factor: float | None,
+        token_ids_T: torch.Tensor | None = None,
+    ) -> NaiveRoute:
+        cfg = self.cfg
+        T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
+        _, probs_TE = self.naive_probs(x_TD)
+        top_p, top_e = probs_TE.topk(K, dim=-1)
+        w = top_p / top_p.sum(-1, keepdim=True) if (K > 1 and cfg.renormalize) else top_p
+        cap = math.inf if capacity_factor is None else math.ceil(capacity_factor * K * T / E)
+        load, kept = [0] * E, []
+        for k in range(K):
+            order = list(range(T))
+            if cfg.drop_policy == "probs":
+                order = sorted(order, key=lambda t: -w[t, k].item())
+            for t in order:
+                e = int(top_e[t, k])
+                if load[e] < cap:
+                    load[e] += 1
+                    kept.append((t, e, w[t, k]))
+        lb = probs_TE.new_zeros(())
+        for i in range(E):
+            f_i = sum(int(top_e[t, k]) == i for t in range(T) for k in range(K)) / max(T * K, 1)
+            lb = lb + f_i * probs_TE[:, i].mean()
+        return kept, E * lb
