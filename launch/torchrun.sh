@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Train on one node: one rank per GPU, or CPU ranks on gloo when there is no GPU.
 #
-#   launch/torchrun.sh +experiment=tiny train.out_dir=runs/tiny
+#   launch/torchrun.sh experiment=tiny moe.num_experts=8 train.out_dir=runs/tiny
 #   NPROC=4 launch/torchrun.sh train.steps=1000
+#
+# Experts are sharded over every rank: tiny's 4 do not split over 8 GPUs; 8 split over 1, 2, 4, 8.
 #
 # Arguments are Hydra overrides, passed through unchanged.
 # Environment:

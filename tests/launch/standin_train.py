@@ -39,9 +39,12 @@ def parse_overrides(argv: list[str]) -> dict[str, str]:
         key, sep, value = arg.partition("=")
         if not sep:
             raise SystemExit(f"standin: expected key=value, got {arg!r}")
+        if key == "+experiment":
+            # as the real trainer does: the defaults list already has experiment: null
+            raise SystemExit(f"standin: {arg!r} cannot compose; use experiment=...")
         key = key.lstrip("+")
         if key == "experiment":
-            continue  # +experiment=tiny: the stand-in is always tiny
+            continue  # experiment=tiny: the stand-in is always tiny
         cfg[key] = value
     return cfg
 
@@ -66,22 +69,17 @@ def save(ckpt_root: str, step: int, w: torch.Tensor, run_id: str) -> None:
     os.replace(os.path.join(ckpt_root, "latest.tmp"), os.path.join(ckpt_root, "latest"))
 
 
-def main(argv: list[str]) -> int:
-    cfg = parse_overrides(argv)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out = cfg["train.out_dir"]
-    ckpt_root = os.path.join(out, "checkpoints")
-    steps = int(cfg["train.steps"])
-    sleep = float(cfg["standin.step_sleep"])
+def step_sleep(cfg: dict[str, str]) -> float:
     if (
         cfg["standin.sleep_only_first"] == "true"
         and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
     ):
-        sleep = 0.0
-    watcher = PreemptionWatcher()
+        return 0.0
+    return float(cfg["standin.step_sleep"])
 
+
+def resume(cfg: dict[str, str], ckpt_root: str) -> tuple[torch.Tensor, int, str]:
+    """(w, first step, run id): from the latest checkpoint, else fresh."""
     w = torch.zeros(4, dtype=torch.float64)
     start, run_id = 0, uuid.uuid4().hex[:8]
     latest = os.path.join(ckpt_root, "latest")
@@ -95,7 +93,41 @@ def main(argv: list[str]) -> int:
     # every rank must use rank 0's run id (fresh runs draw one at random)
     ids = [run_id]
     dist.broadcast_object_list(ids, src=0)
-    run_id = ids[0]
+    return w, start, ids[0]
+
+
+def sgd_step(w: torch.Tensor, step: int, rank: int, world: int) -> float:
+    """One data-parallel step on w (in place); returns the mean loss over ranks."""
+    x, y = batch(step, rank)
+    err = x @ w - y
+    grad = 2 * x.T @ err / len(y)
+    stats = torch.cat([grad, (err**2).mean().reshape(1)])
+    dist.all_reduce(stats)
+    stats /= world
+    w -= 0.05 * stats[:4]
+    return float(stats[4])
+
+
+def log_step(cfg: dict[str, str], out: str, step: int, loss: float, run_id: str) -> None:
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "loss": loss, "run_id": run_id}) + "\n")
+    if cfg["standin.log"]:
+        with open(cfg["standin.log"], "a") as f:
+            f.write(f"{step}\n")
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_overrides(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = cfg["train.out_dir"]
+    ckpt_root = os.path.join(out, "checkpoints")
+    steps = int(cfg["train.steps"])
+    sleep = step_sleep(cfg)
+    watcher = PreemptionWatcher()
+
+    w, start, run_id = resume(cfg, ckpt_root)
     if rank == 0:
         os.makedirs(ckpt_root, exist_ok=True)
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -106,20 +138,9 @@ def main(argv: list[str]) -> int:
     loss = float("nan")
     step = start - 1
     for step in range(start, steps):
-        x, y = batch(step, rank)
-        err = x @ w - y
-        grad = 2 * x.T @ err / len(y)
-        stats = torch.cat([grad, (err**2).mean().reshape(1)])
-        dist.all_reduce(stats)
-        stats /= world
-        w -= 0.05 * stats[:4]
-        loss = float(stats[4])
+        loss = sgd_step(w, step, rank, world)
         if rank == 0:
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss, "run_id": run_id}) + "\n")
-            if cfg["standin.log"]:
-                with open(cfg["standin.log"], "a") as f:
-                    f.write(f"{step}\n")
+            log_step(cfg, out, step, loss, run_id)
         stop = watcher.should_stop(step)
         if rank == 0 and (stop or (step + 1) % int(cfg["train.ckpt_every"]) == 0):
             save(ckpt_root, step, w, run_id)

@@ -35,7 +35,7 @@ def test_torchrun_sh_runs_two_cpu_ranks_and_passes_overrides(tmp_path):
     )
     env.pop("NPROC", None)
     out = tmp_path / "run"
-    cmd = [str(REPO / "launch" / "torchrun.sh"), "+experiment=tiny", f"train.out_dir={out}",
+    cmd = [str(REPO / "launch" / "torchrun.sh"), "experiment=tiny", f"train.out_dir={out}",
            "train.steps=6", "train.ckpt_every=3"]  # fmt: skip
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr

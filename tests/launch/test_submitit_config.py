@@ -2,7 +2,7 @@
 
 The plugin (hydra-submitit-launcher, the `slurm` extra) is optional: without
 it the test skips. A real sweep through it was run by hand on the test Slurm
-cluster (see launch/README-cluster.md); it is not part of the suite because
+cluster (see "Running on a cluster" in README.md); it is not part of the suite because
 each sweep point is a full trainer start.
 """
 
