@@ -10,7 +10,8 @@ from xpar.errors import XparConfigError
 def test_defaults_match_interface():
     c = DataConfig()
     assert c.files == [] and c.text_field == "text" and c.tokenizer == "byte"
-    assert (c.seq_len, c.val_fraction, c.max_files, c.seed) == (256, 0.05, 0, 1234)
+    # The main job's data: conf/data/stdlib.yaml carries no values of its own.
+    assert (c.seq_len, c.val_fraction, c.max_files, c.seed) == (128, 0.05, 100, 1234)
     assert c.shuffle is True and c.cache_dir == ""
 
 

@@ -23,16 +23,16 @@ run on CPU).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from xpar.config.checks import bad, is_finite, is_int, need_bool, need_choice, need_int, need_number
 from xpar.data.config import DataConfig
 from xpar.errors import XparConfigError
-from xpar.models.config import ModelConfig
+from xpar.models.config import ModelConfig, check_causal, moe_block_ids
 from xpar.moe.config import MoEConfig
 
 OPTIMIZERS = ("adamw",)
@@ -60,34 +60,6 @@ def looks_like_secret(value: object) -> bool:
     return isinstance(value, str) and any(p.search(value) for p in _KEY_PATTERNS)
 
 
-def _bad(prefix: str, name: str, value: object, fix: str) -> XparConfigError:
-    return XparConfigError(f"{prefix}.{name}={value!r} is invalid: {fix}")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_finite(v: object) -> bool:
-    return _is_number(v) and math.isfinite(v)
-
-
-def _need_int(prefix: str, obj: object, name: str, lo: int, fix: str | None = None) -> None:
-    v = getattr(obj, name)
-    if not _is_int(v) or v < lo:
-        raise _bad(prefix, name, v, fix or f"use an integer >= {lo}")
-
-
-def _need_choice(prefix: str, obj: object, name: str, choices: tuple) -> None:
-    v = getattr(obj, name)
-    if v not in choices:
-        raise _bad(prefix, name, v, f"choose one of {', '.join(map(str, choices))}")
-
-
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule. min_lr is the floor of cosine/linear decay."""
@@ -107,35 +79,35 @@ class OptimConfig:
         self.validate()
 
     def validate(self, prefix: str = "optim") -> None:
-        _need_choice(prefix, self, "name", OPTIMIZERS)
-        if not _is_finite(self.lr) or not self.lr > 0:
-            raise _bad(prefix, "lr", self.lr, "use a finite learning rate > 0, e.g. 3e-3")
-        if not _is_finite(self.min_lr) or self.min_lr < 0:
-            raise _bad(prefix, "min_lr", self.min_lr, "use a finite number >= 0")
+        need_choice(prefix, self, "name", OPTIMIZERS)
+        if not is_finite(self.lr) or not self.lr > 0:
+            raise bad(prefix, "lr", self.lr, "use a finite learning rate > 0, e.g. 3e-3")
+        need_number(prefix, self, "min_lr", 0, "use a finite number >= 0")
         if self.min_lr > self.lr:
-            raise _bad(
+            raise bad(
                 prefix,
                 "min_lr",
                 self.min_lr,
                 f"min_lr must be <= optim.lr={self.lr!r}; lower min_lr or raise lr",
             )
-        _need_int(prefix, self, "warmup_steps", 0, "use an integer >= 0 (0 = no warmup)")
-        if not _is_finite(self.weight_decay) or self.weight_decay < 0:
-            raise _bad(prefix, "weight_decay", self.weight_decay, "use a number >= 0, e.g. 0.1")
+        need_int(prefix, self, "warmup_steps", 0, "use an integer >= 0 (0 = no warmup)")
+        need_number(prefix, self, "weight_decay", 0, "use a number >= 0, e.g. 0.1")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
-            if not _is_finite(v) or not 0 <= v < 1:
-                raise _bad(prefix, name, v, "use a number in [0, 1), e.g. 0.9 / 0.95")
-        if not _is_finite(self.eps) or not self.eps > 0:
-            raise _bad(prefix, "eps", self.eps, "use a small number > 0, e.g. 1e-8")
-        if not _is_finite(self.grad_clip) or self.grad_clip < 0:
-            raise _bad(prefix, "grad_clip", self.grad_clip, "use a max grad norm > 0, or 0 for off")
-        _need_choice(prefix, self, "schedule", SCHEDULES)
+            if not is_finite(v) or not 0 <= v < 1:
+                raise bad(prefix, name, v, "use a number in [0, 1), e.g. 0.9 / 0.95")
+        if not is_finite(self.eps) or not self.eps > 0:
+            raise bad(prefix, "eps", self.eps, "use a small number > 0, e.g. 1e-8")
+        need_number(prefix, self, "grad_clip", 0, "use a max grad norm > 0, or 0 for off")
+        need_choice(prefix, self, "schedule", SCHEDULES)
 
 
 @dataclass
 class ParallelConfig:
     """How ranks split the work. ep_size=0: experts sharded over all ranks.
+
+    The defaults are the CPU main job's (gloo, fp32); backend/precision "auto" pick
+    nccl + bf16 on GPU and gloo + fp32 on CPU (parallel=zero1, zero2).
 
     deepspeed: extra DeepSpeed config keys merged in; deepspeed_json: a JSON file merged in
     (the dict wins). Keys that xpar derives from typed fields are refused (by validate of
@@ -144,8 +116,8 @@ class ParallelConfig:
 
     ep_size: int = 0
     zero_stage: int = 1
-    backend: str = "auto"
-    precision: str = "auto"
+    backend: str = "gloo"
+    precision: str = "fp32"
     deepspeed: dict[str, Any] = field(default_factory=dict)
     deepspeed_json: str = ""
     timeout_s: int = 600
@@ -154,18 +126,18 @@ class ParallelConfig:
         self.validate()
 
     def validate(self, prefix: str = "parallel") -> None:
-        _need_int(prefix, self, "ep_size", 0, "use 0 (all ranks) or a group size >= 1")
-        if not _is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
-            raise _bad(prefix, "zero_stage", self.zero_stage, "choose a ZeRO stage 0, 1, 2 or 3")
-        _need_choice(prefix, self, "backend", BACKENDS)
-        _need_choice(prefix, self, "precision", PRECISIONS)
-        _need_int(prefix, self, "timeout_s", 1, "use a collective timeout in seconds >= 1")
+        need_int(prefix, self, "ep_size", 0, "use 0 (all ranks) or a group size >= 1")
+        if not is_int(self.zero_stage) or self.zero_stage not in ZERO_STAGES:
+            raise bad(prefix, "zero_stage", self.zero_stage, "choose a ZeRO stage 0, 1, 2 or 3")
+        need_choice(prefix, self, "backend", BACKENDS)
+        need_choice(prefix, self, "precision", PRECISIONS)
+        need_int(prefix, self, "timeout_s", 1, "use a collective timeout in seconds >= 1")
         if not isinstance(self.deepspeed, Mapping):
-            raise _bad(prefix, "deepspeed", self.deepspeed, "use a mapping of DeepSpeed keys")
+            raise bad(prefix, "deepspeed", self.deepspeed, "use a mapping of DeepSpeed keys")
         if not isinstance(self.deepspeed_json, str):
-            raise _bad(prefix, "deepspeed_json", self.deepspeed_json, "use a path or ''")
+            raise bad(prefix, "deepspeed_json", self.deepspeed_json, "use a path or ''")
         if self.deepspeed_json and not os.path.isfile(os.path.expanduser(self.deepspeed_json)):
-            raise _bad(
+            raise bad(
                 prefix,
                 "deepspeed_json",
                 self.deepspeed_json,
@@ -192,7 +164,7 @@ class LoggerConfig:
     wandb_mode: str = "offline"
     project: str = "xpar"
     entity: str = ""
-    run_name: str = ""
+    run_name: str = "main"
     log_every: int = 10
     hist_every: int = 50
     progress_bar: str = "auto"
@@ -201,11 +173,11 @@ class LoggerConfig:
         self.validate()
 
     def validate(self, prefix: str = "logger") -> None:
-        _need_choice(prefix, self, "wandb_mode", WANDB_MODES)
+        need_choice(prefix, self, "wandb_mode", WANDB_MODES)
         for name in ("project", "entity", "run_name"):
             v = getattr(self, name)
             if not isinstance(v, str):
-                raise _bad(prefix, name, v, "use a string")
+                raise bad(prefix, name, v, "use a string")
             if looks_like_secret(v):
                 # Do not echo the value: it may be a real key.
                 raise XparConfigError(
@@ -214,18 +186,22 @@ class LoggerConfig:
                     "the WANDB_API_KEY environment variable or `wandb login`"
                 )
         if not self.project:
-            raise _bad(prefix, "project", self.project, "name the W&B project, e.g. xpar")
+            raise bad(prefix, "project", self.project, "name the W&B project, e.g. xpar")
         for name in ("project", "entity"):
             v = getattr(self, name)
-            bad = sorted(_WANDB_BAD_CHARS.intersection(v))
-            if bad:
-                fix = f"W&B names cannot contain {' '.join(bad)}; remove them"
-                raise _bad(prefix, name, v, fix)
-        _need_int(prefix, self, "log_every", 1, "log every n >= 1 steps")
-        _need_int(
-            prefix, self, "hist_every", 0, "log expert-load histograms every n >= 1 steps, or 0 for none"
+            chars = sorted(_WANDB_BAD_CHARS.intersection(v))
+            if chars:
+                fix = f"W&B names cannot contain {' '.join(chars)}; remove them"
+                raise bad(prefix, name, v, fix)
+        need_int(prefix, self, "log_every", 1, "log every n >= 1 steps")
+        need_int(
+            prefix,
+            self,
+            "hist_every",
+            0,
+            "log expert-load histograms every n >= 1 steps, or 0 for none",
         )
-        _need_choice(prefix, self, "progress_bar", PROGRESS_BARS)
+        need_choice(prefix, self, "progress_bar", PROGRESS_BARS)
 
 
 @dataclass
@@ -255,39 +231,37 @@ class TrainConfig:
         self.validate()
 
     def validate(self, prefix: str = "train") -> None:
-        _need_int(prefix, self, "steps", 1, "train for >= 1 optimizer steps")
-        _need_int(prefix, self, "micro_batch_size", 1, "use >= 1 sequences per rank per micro step")
-        _need_int(prefix, self, "grad_accum", 1, "use >= 1 micro steps per optimizer step")
-        _need_int(
+        need_int(prefix, self, "steps", 1, "train for >= 1 optimizer steps")
+        need_int(prefix, self, "micro_batch_size", 1, "use >= 1 sequences per rank per micro step")
+        need_int(prefix, self, "grad_accum", 1, "use >= 1 micro steps per optimizer step")
+        need_int(
             prefix,
             self,
             "global_batch_size",
             0,
             "use 0 (= micro_batch_size * grad_accum * world_size) or that product",
         )
-        _need_int(prefix, self, "eval_every", 1, "evaluate every n >= 1 steps")
-        _need_int(prefix, self, "eval_batches", 1, "use >= 1 validation batches per evaluation")
-        _need_int(prefix, self, "ckpt_every", 1, "checkpoint every n >= 1 steps")
-        _need_int(prefix, self, "keep_checkpoints", 1, "keep >= 1 checkpoints")
+        need_int(prefix, self, "eval_every", 1, "evaluate every n >= 1 steps")
+        need_int(prefix, self, "eval_batches", 1, "use >= 1 validation batches per evaluation")
+        need_int(prefix, self, "ckpt_every", 1, "checkpoint every n >= 1 steps")
+        need_int(prefix, self, "keep_checkpoints", 1, "keep >= 1 checkpoints")
         if not isinstance(self.resume, str) or not self.resume:
-            raise _bad(prefix, "resume", self.resume, "use auto, never, or a checkpoint directory")
+            raise bad(prefix, "resume", self.resume, "use auto, never, or a checkpoint directory")
         if self.resume not in ("auto", "never") and not os.path.isdir(
             os.path.expanduser(self.resume)
         ):
-            raise _bad(
+            raise bad(
                 prefix,
                 "resume",
                 self.resume,
                 "no such checkpoint directory; use auto (latest in out_dir, if any), never, "
                 "or an existing checkpoint directory",
             )
-        _need_int(prefix, self, "seed", 0, "use an integer seed >= 0")
+        need_int(prefix, self, "seed", 0, "use an integer seed >= 0")
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
-            raise _bad(prefix, "out_dir", self.out_dir, "name an output directory, e.g. outputs/x")
-        if not isinstance(self.deterministic, bool):
-            raise _bad(prefix, "deterministic", self.deterministic, "use true or false")
-        if not _is_finite(self.max_time_s) or self.max_time_s < 0:
-            raise _bad(prefix, "max_time_s", self.max_time_s, "use seconds >= 0 (0 = no limit)")
+            raise bad(prefix, "out_dir", self.out_dir, "name an output directory, e.g. outputs/x")
+        need_bool(prefix, self, "deterministic")
+        need_number(prefix, self, "max_time_s", 0, "use seconds >= 0 (0 = no limit)")
 
 
 @dataclass
@@ -309,11 +283,8 @@ class XparConfig:
 
     @property
     def moe_layer_ids(self) -> list[int]:
-        """Blocks whose FFN is an MoE layer: (i + 1) % moe.every == 0 (same rule as the model)."""
-        every = self.moe.every
-        if every <= 0:
-            return []
-        return [i for i in range(self.model.n_layers) if (i + 1) % every == 0]
+        """Blocks whose FFN is an MoE layer (the model's own rule)."""
+        return moe_block_ids(self.model, self.moe)
 
     @property
     def has_moe(self) -> bool:
@@ -350,7 +321,7 @@ class XparConfig:
         ):
             node.validate()
         self._check_static()
-        if not _is_int(world_size) or world_size < 1:
+        if not is_int(world_size) or world_size < 1:
             raise XparConfigError(
                 f"world_size={world_size!r} is invalid: the job needs >= 1 rank "
                 "(check WORLD_SIZE / torchrun --nproc-per-node)"
@@ -375,12 +346,7 @@ class XparConfig:
                 "so no block would get an MoE layer; use moe.every <= model.n_layers, "
                 "or moe.every=0 (moe=dense) for a dense model"
             )
-        if self.has_moe and not moe.is_causal:
-            raise XparConfigError(
-                f"moe.router={moe.router!r} is not allowed in this decoder-only (causal) model: "
-                "expert choice picks tokens across the whole sequence, so a token's output "
-                "depends on future tokens; use a token-choice router (moe=topk or moe=switch)"
-            )
+        check_causal(m, moe)
         if m.max_seq_len < d.seq_len:
             raise XparConfigError(
                 f"model.max_seq_len={m.max_seq_len} is smaller than data.seq_len={d.seq_len}: "
@@ -471,7 +437,7 @@ class XparConfig:
         # Build the DeepSpeed config now, as the adapter will at startup (pure: no process
         # group), so that every DeepSpeed-level refusal (owned keys, ZeRO stage, bf16 with
         # ZeRO-0, unreadable deepspeed_json, ...) surfaces before any rank starts.
-        from xpar.parallel.deepspeed import build_ds_config
+        from xpar.parallel.ds_config import build_ds_config
 
         p, t = self.parallel, self.train
         build_ds_config(
