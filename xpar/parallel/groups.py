@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -49,6 +50,13 @@ class ParallelGroups:
     @property
     def dp_size(self) -> int:
         return self.world_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's model and collective buffers live: NCCL needs CUDA tensors."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def experts_of_rank(self, num_experts: int) -> range:
         """Global ids of the experts this rank holds."""
@@ -143,7 +151,7 @@ def init_parallel(ep_size: int = 0, backend: str = "auto", timeout_s: int = 600)
         if "RANK" not in env or "WORLD_SIZE" not in env:
             # a plain `python train.py`: a world of one on a private port
             env.setdefault("MASTER_ADDR", "127.0.0.1")
-            env.setdefault("MASTER_PORT", str(_free_port()))
+            env.setdefault("MASTER_PORT", str(free_port()))
             env.setdefault("RANK", "0")
             env.setdefault("WORLD_SIZE", "1")
             env.setdefault("LOCAL_RANK", "0")
@@ -203,9 +211,8 @@ def check_groups(groups: ParallelGroups) -> None:
         raise XparDistributedError(f"rank {groups.rank}: expert-DP group size mismatch")
 
 
-def _free_port() -> int:
-    import socket
-
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous of one host)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from xpar.parallel.groups import free_port
 
 
 def _worker(rank, world_size, port, fn, args, results, pg_timeout):
@@ -79,45 +74,59 @@ def run_distributed(
         p.start()
     outs: dict[int, Any] = {}
     errors: list[str] = []
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
-    errors_if_none = "a rank ended without a result"
-    grace_until = None  # after a failure, wait briefly for the other ranks' own errors
     try:
-        while len(outs) + len(errors) < world_size:
-            now = datetime.datetime.now()
-            if grace_until is not None and now >= grace_until:
-                break
-            left = (deadline - now).total_seconds()
-            if left <= 0:
-                raise TimeoutError(
-                    f"run_distributed: {world_size - len(outs) - len(errors)} rank(s) still "
-                    f"running after {timeout:.0f}s (hang?); errors so far: {errors}"
-                )
-            try:
-                rank, ok, payload = results.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead and grace_until is None:
-                    # A rank can die in C++ (abort) when a peer vanished; its peers' Python
-                    # errors may still be in flight.
-                    grace_until = now + datetime.timedelta(seconds=3)
-                    errors_if_none = f"a rank process died with exit code {dead[0].exitcode}"
-                continue
-            if ok:
-                outs[rank] = payload
-            else:
-                errors.append(f"rank {rank}:\n{payload}")
-                if grace_until is None:
-                    grace_until = datetime.datetime.now() + datetime.timedelta(seconds=5)
+        errors_if_none = _collect(procs, results, timeout, outs, errors)
     finally:
-        for p in procs:
-            p.join(timeout=5 if not errors else 0.5)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _reap(procs, quick=bool(errors))
     if not errors and len(outs) < world_size:
         errors.append(errors_if_none)
     if errors:
         raise RuntimeError("run_distributed: a rank failed\n" + "\n".join(errors))
     return [outs[r] for r in range(world_size)]
+
+
+def _collect(procs: list, results: Any, timeout: float, outs: dict, errors: list[str]) -> str:
+    """Fill outs / errors from the ranks' reports; returns what to say of a rank that sent none.
+
+    After a failure, waits briefly for the other ranks' own errors, then stops.
+    """
+    world_size = len(procs)
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    errors_if_none = "a rank ended without a result"
+    grace_until = None
+    while len(outs) + len(errors) < world_size:
+        now = datetime.datetime.now()
+        if grace_until is not None and now >= grace_until:
+            break
+        left = (deadline - now).total_seconds()
+        if left <= 0:
+            raise TimeoutError(
+                f"run_distributed: {world_size - len(outs) - len(errors)} rank(s) still "
+                f"running after {timeout:.0f}s (hang?); errors so far: {errors}"
+            )
+        try:
+            rank, ok, payload = results.get(timeout=min(left, 0.5))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead and grace_until is None:
+                # A rank can die in C++ (abort) when a peer vanished; its peers' Python
+                # errors may still be in flight.
+                grace_until = now + datetime.timedelta(seconds=3)
+                errors_if_none = f"a rank process died with exit code {dead[0].exitcode}"
+            continue
+        if ok:
+            outs[rank] = payload
+        else:
+            errors.append(f"rank {rank}:\n{payload}")
+            if grace_until is None:
+                grace_until = datetime.datetime.now() + datetime.timedelta(seconds=5)
+    return errors_if_none
+
+
+def _reap(procs: list, quick: bool) -> None:
+    for p in procs:
+        p.join(timeout=0.5 if quick else 5)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
