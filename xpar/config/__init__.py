@@ -6,7 +6,7 @@ xpar.config.checks, which must not pull in the schema that imports them.
 
 from __future__ import annotations
 
-import importlib
+from xpar.lazy import lazy_getattr
 
 _EXPORTS = {
     "LoggerConfig": "schema",
@@ -28,8 +28,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'xpar.config' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"xpar.config.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

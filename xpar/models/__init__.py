@@ -6,7 +6,7 @@ transformer here would import xpar.moe back while it is half-initialised.
 
 from __future__ import annotations
 
-import importlib
+from xpar.lazy import lazy_getattr
 
 _EXPORTS = {
     "ModelConfig": "config",
@@ -19,8 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'xpar.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"xpar.models.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
