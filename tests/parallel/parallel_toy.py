@@ -1,4 +1,6 @@
-"""Toy expert-parallel model, its data and its single-process reference (shared by the tests here).
+"""Toy expert-parallel model, its data, its single-process reference, and the rank batteries.
+
+Shared by the tests here and tests/train/test_checkpoint.py.
 
 Toy model: a dense part (embedding, gain, head) and an expert bank [E_local, D, D]
 (+ a no-decay expert bias). Token t goes to expert t % E; each rank draws tokens
@@ -8,6 +10,8 @@ all experts and seeing all ranks' data computes the exact reference:
 """
 
 from __future__ import annotations
+
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +95,8 @@ def reference(world: int, ep_size: int, grad_accum: int, steps: int):
 
 
 def build_engine(groups, stage: int, grad_accum: int, seed: int = 0, clip: float = CLIP):
-    from xpar.parallel.deepspeed import build_ds_config, initialize
+    from xpar.parallel.deepspeed import initialize
+    from xpar.parallel.ds_config import build_ds_config
 
     first = groups.ep_rank * (E // groups.ep_size)
     model = Toy(first, E // groups.ep_size, seed=seed)
@@ -106,8 +111,6 @@ def build_engine(groups, stage: int, grad_accum: int, seed: int = 0, clip: float
 
 
 def train(engine, groups, steps: range, grad_accum: int):
-    from xpar.parallel.deepspeed import grad_norm
-
     losses, norms = [], []
     for step in steps:
         total = 0.0
@@ -117,7 +120,7 @@ def train(engine, groups, steps: range, grad_accum: int):
             engine.step()
             total += loss.item() / grad_accum
         losses.append(total)
-        norms.append(grad_norm(engine))
+        norms.append(engine.grad_norm())
     return losses, norms
 
 
@@ -133,3 +136,39 @@ def param_diff(engine, ref: nn.Module, groups) -> dict[str, float]:
             want = want[sl]
         out[name] = (p.detach() - want).abs().max().item()
     return out
+
+
+def params_of(engine) -> dict:
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def params_diff(engine, params: dict) -> float:
+    return max((p - params[n]).abs().max().item() for n, p in params_of(engine).items())
+
+
+# ------------------------------------------------------------------ batteries
+# Each spawn of gloo ranks pays ~10 s of imports per process (torch._dynamo via torch.optim,
+# DeepSpeed's Muon module via its ZeRO optimizer check), so a test file runs its multi-rank
+# parts in one battery per world size and its tests assert on the results.
+
+
+def battery(rank: int, world: int, parts: dict, grad_accum: int, root: str) -> dict:
+    """Run each part (a module-level function) on EP=min(2, world); a failure is its traceback."""
+    from xpar.parallel.groups import init_parallel
+
+    groups = init_parallel(ep_size=min(2, world), backend="gloo")
+    out = {}
+    for name, fn in parts.items():
+        try:
+            out[name] = fn(rank, world, groups, grad_accum, root)
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+    return out
+
+
+def part(results: list[dict], name: str) -> list:
+    """One part's per-rank results; fails the test with the rank's traceback if it raised."""
+    outs = [r[name] for r in results]
+    for rank, o in enumerate(outs):
+        assert "error" not in o, f"rank {rank} part {name} failed:\n{o['error']}"
+    return outs

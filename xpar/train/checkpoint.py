@@ -1,39 +1,86 @@
-"""Checkpoint directories under <out_dir>/checkpoints with an atomic `latest` pointer.
+"""Checkpoints: directories under <out_dir>/checkpoints, per-rank files, an atomic `latest`.
 
     checkpoints/
-      step_00000006/   rank<NNNNN>.pt (every rank, via the DeepSpeed adapter),
-                       meta.json, client_state.json (rank 0)
+      step_00000006/   rank<NNNNN>.pt (every rank: module incl. its experts, optimizer,
+                       LR scheduler, engine counters, this rank's client state),
+                       xpar_parallel.json (rank 0: the layout, library versions),
+                       client_state.json (rank 0: step, data position, run record)
       latest           "step_00000006": replaced (write, fsync, rename) only after
                        every rank finished writing that step
 
-A crash at any point leaves `latest` naming a complete checkpoint (or absent).
+A crash at any point leaves `latest` naming a complete checkpoint (or absent). Every
+file goes through the one atomic writer, so no reader ever sees half a file.
+
+Resume guard: a checkpoint resumes when its weights fit this model (parameter names and
+shapes) and it was trained with the same tokenizer; a changed hyperparameter that
+leaves the shapes alone (moe.aux_loss_weight, model.init_std, ...) is reported in one
+warning line and the run resumes. The deepspeed-specific parts of a rank file (ZeRO
+optimizer state, the classes torch.load must allow) are the engine adapter's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import secrets
 import shutil
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
+
+from xpar.errors import XparConfigError
+
+if TYPE_CHECKING:
+    from xpar.parallel.deepspeed import XparEngine
+
+FORMAT = 1  # of the rank files; a reader of format N reads every format <= N
 LATEST = "latest"
 CLIENT_STATE = "client_state.json"
+LAYOUT_FILE = "xpar_parallel.json"
+_FIX = (
+    "set train.out_dir to a new directory (or logger.run_name), or train.resume=never to start over"
+)
+_MAX_NAMED = 6  # parameters named in a refusal; a deep model would list hundreds
 
 
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write, fsync, rename, fsync the directory: readers see the old or the new file."""
+def rank_file(directory: str | Path, rank: int) -> Path:
+    return Path(directory) / f"rank{rank:05d}.pt"
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def write_atomic(path: str | Path, content: str | Callable[[Path], None]) -> None:
+    """Write (text, or `content(tmp_path)`), fsync, rename, fsync the directory.
+
+    Readers see the old file or the new one, never a part; a failed write leaves no temp file.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        else:
+            content(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -47,6 +94,9 @@ def write_client_state(directory: str | Path, state: dict) -> None:
 def read_client_state(directory: str | Path) -> dict:
     with open(Path(directory) / CLIENT_STATE, encoding="utf-8") as f:
         return json.load(f)
+
+
+# --------------------------------------------------------------------------- latest, prune
 
 
 def publish(root: str | Path, step: int) -> None:
@@ -82,3 +132,167 @@ def prune(root: str | Path, keep: int) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+# --------------------------------------------------------------------------- rank files
+
+
+def _layout(engine: XparEngine) -> dict:
+    return {"format": FORMAT, **engine.layout()}
+
+
+def save(engine: XparEngine, directory: str | Path, client_state: dict | None = None) -> None:
+    """Collective: every rank writes `rank<NNNNN>.pt` into `directory`; rank 0 adds a layout record.
+
+    A rank file holds the engine's state (the full module state dict: dense params and
+    this rank's experts; the optimizer's own per-rank state; the LR scheduler; the step
+    counters) and this rank's `client_state` (tensors, numbers, strings, lists, dicts:
+    loaded with weights_only=True). Works on a shared or a per-node file system (each
+    rank reads back its own file).
+    """
+    directory = Path(directory)
+    rank = engine.groups.rank
+    directory.mkdir(parents=True, exist_ok=True)
+    layout = _layout(engine)
+    state = {"layout": layout, "rank": rank, **engine.state_dict()}
+    state["client_state"] = client_state or {}
+    write_atomic(rank_file(directory, rank), lambda p: torch.save(state, p))
+    if rank == 0:
+        meta = {**layout, **engine.versions()}
+        write_atomic(directory / LAYOUT_FILE, json.dumps(meta, indent=1))
+    dist.barrier()
+
+
+def load(engine: XparEngine, directory: str | Path, run: Mapping | None = None) -> dict:
+    """Collective: restore what `save` wrote into this engine; returns this rank's client_state.
+
+    The engine must be built like the one that saved (world size, ep_size, ZeRO stage,
+    precision; else XparConfigError) with a model the weights fit (see check_resumable).
+    `run` is this run's `run_record(...)`, compared with the one in client_state.json.
+    """
+    directory = Path(directory)
+    state = _read_rank_file(engine, directory)
+    saved_run = read_client_state(directory) if run is not None else None
+    changed = check_resumable(
+        directory, state["module"], engine.module.state_dict(), saved_run, run
+    )
+    if changed and engine.groups.rank == 0:
+        print(
+            f"xpar: warning: resuming {directory} with changed hyperparameters "
+            f"({'; '.join(changed)}); the weights fit this model, training continues from them",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        engine.load_state_dict(state)
+    except XparConfigError as e:
+        raise XparConfigError(f"train.resume={str(directory)!r}: {e}") from e
+    dist.barrier()
+    return state["client_state"]
+
+
+def _read_rank_file(engine: XparEngine, directory: Path) -> dict:
+    rank = engine.groups.rank
+    path = rank_file(directory, rank)
+    if not path.is_file():
+        raise XparConfigError(
+            f"train.resume={str(directory)!r}: no checkpoint file {path.name} for rank "
+            f"{rank}; resume with the world size the checkpoint was saved with"
+        )
+    with torch.serialization.safe_globals(engine.safe_globals()):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    want, have = _layout(engine), state["layout"]
+    if want != have or state["rank"] != rank:
+        raise XparConfigError(
+            f"train.resume={str(directory)!r} was saved with {have} (rank {state['rank']}) but "
+            f"this run is {want} (rank {rank}); resume with the same world size, "
+            "parallel.ep_size, parallel.zero_stage and parallel.precision"
+        )
+    return state
+
+
+# --------------------------------------------------------------------------- resume guard
+
+
+def run_record(model_cfg: Any, moe_cfg: Any, tokenizer: Any, tokenizer_spec: str) -> dict:
+    """What client_state.json records about the weights: the configs that built them, the tokenizer.
+
+    `tokenizer` is the built one (its vocab_size and content fingerprint), `tokenizer_spec`
+    the `data.tokenizer` value that named it.
+    """
+    return {
+        "model": {"model": dataclasses.asdict(model_cfg), "moe": dataclasses.asdict(moe_cfg)},
+        "tokenizer": {
+            "spec": tokenizer_spec,
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+        },
+    }
+
+
+def check_resumable(
+    where: str | Path,
+    saved_state: Mapping[str, Any],
+    model_state: Mapping[str, Any],
+    saved_run: Mapping | None,
+    run: Mapping | None,
+) -> list[str]:
+    """Refuse a checkpoint that cannot be loaded into this model; return its changed fields.
+
+    Loadable: the same parameter names and shapes (saved module state dict vs this model's)
+    and the same tokenizer (content and vocab size; a checkpoint from before the tokenizer
+    was recorded is judged by its embedding shape alone). A config field the checkpoint did
+    not record (added since) is not a change.
+    """
+    saved_run, run = saved_run or {}, run or {}
+    changed = changed_fields(saved_run, run)
+    problems = _shape_problems(saved_state, model_state) + _tokenizer_problems(saved_run, run)
+    if problems:
+        cause = f" ({'; '.join(changed)})" if changed else ""
+        raise XparConfigError(
+            f"train.resume: the checkpoint {where} was written by a different model{cause} "
+            f"and cannot be loaded into this one: {'; '.join(problems)}; {_FIX}"
+        )
+    return changed
+
+
+def changed_fields(saved_run: Mapping, run: Mapping) -> list[str]:
+    """'<group>.<field>: checkpoint <old>, now <new>' for each recorded field that changed."""
+    saved_cfg, now_cfg = saved_run.get("model", {}), run.get("model", {})
+    out = [
+        f"{group}.{k}: checkpoint {saved_cfg[group][k]!r}, now {v!r}"
+        for group in ("model", "moe")
+        for k, v in now_cfg.get(group, {}).items()
+        if k in saved_cfg.get(group, {}) and saved_cfg[group][k] != v
+    ]
+    saved_tok, now_tok = saved_run.get("tokenizer", {}), run.get("tokenizer", {})
+    if "spec" in saved_tok and "spec" in now_tok and saved_tok["spec"] != now_tok["spec"]:
+        out.append(f"data.tokenizer: checkpoint {saved_tok['spec']!r}, now {now_tok['spec']!r}")
+    return out
+
+
+def _shape_problems(saved_state: Mapping[str, Any], model_state: Mapping[str, Any]) -> list[str]:
+    bad = []
+    for name in sorted(set(saved_state) | set(model_state)):
+        saved, now = _shape(saved_state, name), _shape(model_state, name)
+        if saved != now:
+            bad.append(f"{name} saved {saved}, now {now}")
+    if len(bad) > _MAX_NAMED:
+        bad = bad[:_MAX_NAMED] + [f"and {len(bad) - _MAX_NAMED} more parameters"]
+    return bad
+
+
+def _shape(state: Mapping[str, Any], name: str) -> str:
+    if name not in state:
+        return "absent"
+    t = state[name]
+    return str(list(t.shape)) if hasattr(t, "shape") else type(t).__name__
+
+
+def _tokenizer_problems(saved_run: Mapping, run: Mapping) -> list[str]:
+    saved, now = saved_run.get("tokenizer", {}), run.get("tokenizer", {})
+    out = []
+    for key, what in (("fingerprint", "tokenizer content"), ("vocab_size", "vocabulary size")):
+        if key in saved and key in now and saved[key] != now[key]:
+            out.append(f"{what} saved {saved[key]!r}, now {now[key]!r} (token ids would change)")
+    return out

@@ -25,14 +25,15 @@ import torch.nn.functional as F
 from xpar.config.schema import XparConfig
 from xpar.config.store import to_plain_dict
 from xpar.data.build import build_data
-from xpar.errors import XparConfigError
 from xpar.models import MoETransformer
 from xpar.models.cost import describe_cost, flops_per_token
 from xpar.parallel import deepspeed as ds
+from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import init_parallel
 from xpar.train import checkpoint as ckpt
 from xpar.train.monitor import Monitor
 from xpar.train.preempt import PreemptionWatcher
+from xpar.train.schedule import make_lr_lambda
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -79,12 +80,6 @@ def _padded_vocab(n: int, multiple: int = 64) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def _device(groups) -> torch.device:
-    if groups.backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _mean_over_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -106,29 +101,6 @@ def evaluate(engine, batches, device, precision_dtype) -> float:
             n += 1
     engine.train()
     return _mean_over_ranks([total / max(n, 1)], device)[0]
-
-
-def _model_fingerprint(model_cfg, cfg: XparConfig) -> dict:
-    """What must match for a checkpoint to load: the shapes of every parameter."""
-    return {"model": dataclasses.asdict(model_cfg), "moe": dataclasses.asdict(cfg.moe)}
-
-
-def _check_same_model(saved: dict | None, now: dict, where: Path) -> None:
-    if saved is None:
-        return
-    diffs = [
-        f"{group}.{k}: checkpoint {saved[group].get(k)!r}, now {v!r}"
-        for group in ("model", "moe")
-        for k, v in now[group].items()
-        if saved.get(group, {}).get(k) != v
-    ]
-    if diffs:
-        raise XparConfigError(
-            f"train.resume: the checkpoint {where} was written by a different model ("
-            + "; ".join(diffs)
-            + "); set train.out_dir to a new directory (or logger.run_name), "
-            "or train.resume=never to start over"
-        )
 
 
 def train(cfg: XparConfig) -> TrainResult:
@@ -160,7 +132,7 @@ def train(cfg: XparConfig) -> TrainResult:
     )
     rank, world = groups.rank, groups.world_size
     assert (rank, world) == (env_rank, env_world), "launcher env disagrees with the process group"
-    device = _device(groups)
+    device = groups.device
     out_dir = Path(tc.out_dir).resolve()
     ckpt_root = out_dir / "checkpoints"
     if rank == 0:
@@ -169,8 +141,8 @@ def train(cfg: XparConfig) -> TrainResult:
     # Model: same seed on every rank, so dense params agree and experts are sliced consistently.
     torch.manual_seed(tc.seed)
     model = MoETransformer(model_cfg, cfg.moe, ep_group=groups.ep_group).to(device)
-    precision = ds.resolve_precision(cfg.parallel.precision)
-    ds_config = ds.build_ds_config(
+    precision = resolve_precision(cfg.parallel.precision)
+    ds_config = build_ds_config(
         zero_stage=cfg.parallel.zero_stage,
         micro_batch_size=tc.micro_batch_size,
         grad_accum=tc.grad_accum,
@@ -188,7 +160,7 @@ def train(cfg: XparConfig) -> TrainResult:
         weight_decay=o.weight_decay,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
-        lr_lambda=ds.make_lr_lambda(
+        lr_lambda=make_lr_lambda(
             schedule=o.schedule,
             lr=o.lr,
             min_lr=o.min_lr,
@@ -197,6 +169,7 @@ def train(cfg: XparConfig) -> TrainResult:
         ),
     )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    run_record = ckpt.run_record(model_cfg, cfg.moe, data.tokenizer, cfg.data.tokenizer)
 
     # Resume: the newest complete checkpoint (or an explicit directory).
     start_step, tokens_seen, run_id = 0, 0, None
@@ -207,8 +180,7 @@ def train(cfg: XparConfig) -> TrainResult:
         resume_dir = Path(tc.resume)
     if resume_dir is not None:
         shared = ckpt.read_client_state(resume_dir)
-        _check_same_model(shared.get("model"), _model_fingerprint(model_cfg, cfg), resume_dir)
-        rank_state = ds.load(engine, str(resume_dir))
+        rank_state = ckpt.load(engine, resume_dir, run=run_record)
         start_step, tokens_seen, run_id = (
             shared["step"],
             shared["tokens_seen"],
@@ -265,7 +237,7 @@ def train(cfg: XparConfig) -> TrainResult:
     def save(step_: int) -> str:
         d = ckpt.step_dir(ckpt_root, step_)
         rng = _rng_state()
-        ds.save(engine, str(d), client_state={"rng": rng})  # collective; ends with a barrier
+        ckpt.save(engine, d, client_state={"rng": rng})  # collective; ends with a barrier
         if rank == 0:
             ckpt.write_client_state(
                 d,
@@ -275,7 +247,7 @@ def train(cfg: XparConfig) -> TrainResult:
                     "data": data.train.state_dict(),
                     "wandb_run_id": monitor.run_id,
                     "world_size": world,
-                    "model": _model_fingerprint(model_cfg, cfg),
+                    **run_record,
                 },
             )
             if os.environ.get("XPAR_TEST_CRASH_BEFORE_PUBLISH") == str(step_):
@@ -330,12 +302,8 @@ def train(cfg: XparConfig) -> TrainResult:
                 }
                 for i, a in enumerate(auxes)
             ]
-            gn = ds.grad_norm(engine)
-            lr = (
-                engine.optimizer.param_groups[0]["lr"]
-                if hasattr(engine.optimizer, "param_groups")
-                else None
-            )
+            gn = engine.grad_norm()
+            lr = engine.lr()
             logged = monitor.log_train(
                 step,
                 loss=loss,

@@ -1,0 +1,357 @@
+"""Checkpoints: the atomic writer, `latest` and pruning, per-rank files, the resume guard.
+
+- files and guard: plain functions, no process group.
+- engines (4 gloo ranks, EP=2 x DP=2, real DeepSpeed engines, ZeRO 0/1/2): save / load
+  into a fresh engine restores params, optimizer state, LR, counters exactly and
+  training continues identically; the rank file keeps the format of tests/fixtures/ckpt_v1.
+- trainer (slow, 2 ranks): the committed ckpt_v1 checkpoint (from before the guard
+  recorded the tokenizer) resumes with a changed hyperparameter after one warning line,
+  and is refused, naming the parameters, when the shapes change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.fixtures import golden
+from tests.parallel.parallel_toy import (
+    battery,
+    build_engine,
+    params_diff,
+    params_of,
+    part,
+    train,
+)
+from xpar.errors import XparConfigError
+from xpar.testing import run_distributed
+from xpar.train import checkpoint as ckpt
+
+STAGES = (0, 1, 2)
+FIXTURE_STEP = golden.CKPT_FIXTURE / "step_00000002"
+RANK_FILE_KEYS = ["client_state", "engine", "layout", "lr_scheduler", "module", "optimizer", "rank"]
+
+# ------------------------------------------------------------------ atomic files, latest
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "state.json"
+    ckpt.write_atomic(path, "old")
+    ckpt.write_atomic(path, "new")
+    assert path.read_text() == "new"
+    ckpt.write_atomic(tmp_path / "t.pt", lambda p: torch.save({"x": torch.ones(2)}, p))
+    assert torch.equal(torch.load(tmp_path / "t.pt", weights_only=True)["x"], torch.ones(2))
+
+    def half_then_crash(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_atomic(path, half_then_crash)
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "t.pt"]
+
+
+def test_latest_publish_and_prune(tmp_path):
+    assert ckpt.latest(tmp_path) is None
+    for step in (3, 6, 9):
+        ckpt.step_dir(tmp_path, step).mkdir()
+        ckpt.write_client_state(ckpt.step_dir(tmp_path, step), {"step": step})
+    ckpt.publish(tmp_path, 6)
+    assert ckpt.latest(tmp_path) == ckpt.step_dir(tmp_path, 6)
+    assert ckpt.read_client_state(ckpt.latest(tmp_path)) == {"step": 6}
+    # step 9 is newer than `latest`: a crashed run's partial write, never the one kept
+    assert ckpt.prune(tmp_path, keep=1) == [ckpt.step_dir(tmp_path, 3)]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000006", "step_00000009"]
+    (tmp_path / ckpt.LATEST).write_text("step_00000042\n")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.latest(tmp_path)
+
+
+# ------------------------------------------------------------------ the resume guard
+
+
+def _fixture_module_state() -> dict:
+    from xpar.parallel.deepspeed import XparEngine
+
+    with torch.serialization.safe_globals(XparEngine.safe_globals()):
+        state = torch.load(FIXTURE_STEP / "rank00000.pt", map_location="cpu", weights_only=True)
+    assert sorted(state) == RANK_FILE_KEYS
+    return state["module"]
+
+
+def _fixture_run() -> dict:
+    return ckpt.read_client_state(FIXTURE_STEP)
+
+
+def _now_run(**changes) -> dict:
+    """The fixture's recorded configs as a run of today would record them, plus changes."""
+    saved = _fixture_run()["model"]
+    run = {
+        "model": {"model": dict(saved["model"]), "moe": dict(saved["moe"])},
+        "tokenizer": {"spec": "byte", "fingerprint": "byte-v1", "vocab_size": 257},
+    }
+    for key, value in changes.items():
+        group, name = key.split("__")
+        run["model"][group][name] = value
+    return run
+
+
+def test_old_client_state_without_the_new_fields_is_judged_by_its_shapes():
+    saved = _fixture_module_state()
+    assert "tokenizer" not in _fixture_run()  # written before the tokenizer was recorded
+    # a config field added since the checkpoint was written is not a change
+    now = _now_run(moe__a_field_added_later=1)
+    assert ckpt.check_resumable("ck", saved, saved, _fixture_run(), now) == []
+
+
+def test_changed_hyperparameters_that_keep_the_shapes_are_reported_not_refused():
+    saved = _fixture_module_state()
+    now = _now_run(moe__aux_loss_weight=0.0, moe__capacity_factor=2.0, model__init_std=0.01)
+    assert ckpt.check_resumable("ck", saved, saved, _fixture_run(), now) == [
+        "model.init_std: checkpoint 0.02, now 0.01",
+        "moe.aux_loss_weight: checkpoint 0.01, now 0.0",
+        "moe.capacity_factor: checkpoint 1.25, now 2.0",
+    ]
+
+
+def test_changed_shapes_are_refused_naming_parameters_fields_and_fix():
+    saved = _fixture_module_state()
+    now = {k: v for k, v in saved.items() if k != "norm.weight"}
+    now["blocks.0.ffn.experts.w1"] = torch.zeros(2, 32, 16)
+    now["blocks.9.extra"] = torch.zeros(3)
+    with pytest.raises(XparConfigError) as e:
+        ckpt.check_resumable("ck", saved, now, _fixture_run(), _now_run(moe__d_ff=16))
+    msg = str(e.value)
+    assert "written by a different model (moe.d_ff: checkpoint 32, now 16)" in msg
+    assert "blocks.0.ffn.experts.w1 saved [2, 32, 32], now [2, 32, 16]" in msg
+    assert "blocks.9.extra saved absent, now [3]" in msg
+    assert "norm.weight saved [32], now absent" in msg
+    assert "train.out_dir" in msg and "train.resume=never" in msg
+
+
+def test_a_deep_model_names_a_few_parameters_and_counts_the_rest():
+    saved = {f"p{i:02d}": torch.zeros(2) for i in range(20)}
+    now = {k: torch.zeros(3) for k in saved}
+    with pytest.raises(
+        XparConfigError, match=r"p05 saved \[2\], now \[3\]; and 14 more parameters"
+    ):
+        ckpt.check_resumable("ck", saved, now, None, None)
+
+
+def test_another_tokenizer_is_refused_a_moved_one_is_reported():
+    state = {"tok_emb.weight": torch.zeros(320, 8)}
+    saved = _now_run()
+    moved = _now_run()
+    moved["tokenizer"]["spec"] = "/elsewhere/byte"
+    assert ckpt.check_resumable("ck", state, state, saved, moved) == [
+        "data.tokenizer: checkpoint 'byte', now '/elsewhere/byte'"
+    ]
+    other = _now_run()
+    other["tokenizer"].update(spec="/tok", fingerprint="hf-123", vocab_size=300)
+    with pytest.raises(XparConfigError) as e:  # same padded embedding, other token ids
+        ckpt.check_resumable("ck", state, state, saved, other)
+    msg = str(e.value)
+    assert "(data.tokenizer: checkpoint 'byte', now '/tok')" in msg
+    assert "tokenizer content saved 'byte-v1', now 'hf-123'" in msg
+    assert "vocabulary size saved 257, now 300" in msg
+
+
+def test_run_record_is_what_client_state_records():
+    from xpar.config.store import compose_config
+    from xpar.data.tokenizer import ByteTokenizer
+
+    cfg = compose_config(["experiment=tiny"], world_size=1, cuda_available=False)
+    rec = ckpt.run_record(cfg.model, cfg.moe, ByteTokenizer(), cfg.data.tokenizer)
+    assert sorted(rec) == ["model", "tokenizer"] and sorted(rec["model"]) == ["model", "moe"]
+    assert rec["model"]["moe"]["d_ff"] == 64
+    assert rec["tokenizer"] == {"spec": "byte", "fingerprint": "byte-v1", "vocab_size": 257}
+    assert json.loads(json.dumps(rec)) == rec
+
+
+# ------------------------------------------------------------------ engines
+
+
+def _tensors(obj, path=""):
+    """(path, tensor) pairs of a nested state dict, in a stable order."""
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{path}/{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}/{i}")
+
+
+def _snapshot(state_dict) -> dict:
+    return {k: t.detach().clone() for k, t in _tensors(state_dict)}
+
+
+def _max_diff(ta: dict, tb: dict) -> float:
+    assert ta.keys() == tb.keys(), set(ta) ^ set(tb)
+    return max(((x.double() - tb[k].double()).abs().max().item() for k, x in ta.items()), default=0)
+
+
+def _round_trip(rank, groups, stage, d):
+    from xpar.parallel.deepspeed import XparEngine
+
+    a = build_engine(groups, stage, 1)
+    train(a, groups, range(2), 1)
+    client = {"step": 2, "rng": torch.get_rng_state(), "who": f"rank{rank}", "x": [1, 2.5]}
+    ckpt.save(a, d, client)
+    saved_params, saved_opt = params_of(a), _snapshot(a.state_dict()["optimizer"])
+    saved_lr = a.lr()
+    cont_a = train(a, groups, range(2, 4), 1)
+
+    b = build_engine(groups, stage, 1, seed=1)  # starts from other weights
+    init_diff = params_diff(b, saved_params)
+    got = ckpt.load(b, d)
+    res = {
+        "init_diff": init_diff,
+        "param_diff": params_diff(b, saved_params),
+        "opt_diff": _max_diff(saved_opt, _snapshot(b.state_dict()["optimizer"])),
+        "opt_numel": sum(t.numel() for t in saved_opt.values()),
+        "lr": (saved_lr, b.lr()),
+        "steps": b.state_dict()["engine"]["global_steps"],
+        "client_ok": got["who"] == f"rank{rank}"
+        and got["step"] == 2
+        and got["x"] == [1, 2.5]
+        and torch.equal(got["rng"], client["rng"]),
+    }
+    cont_b = train(b, groups, range(2, 4), 1)
+    res["cont"] = (cont_a, cont_b)
+    res["final_diff"] = params_diff(b, params_of(a))
+    with torch.serialization.safe_globals(XparEngine.safe_globals()):
+        state = torch.load(ckpt.rank_file(d, rank), map_location="cpu", weights_only=True)
+    res["file"] = {"keys": sorted(state), "layout": state["layout"], "rank": state["rank"]}
+    return res
+
+
+def _guarded_load(rank, groups, d):
+    """load(run=...) against a client_state.json: one warning line on rank 0, then resumes."""
+    rec = {"model": {"model": {"d_model": 8}, "moe": {"aux_loss_weight": 0.01}}}
+    if rank == 0:
+        ckpt.write_client_state(d, {"step": 2, **rec})
+    dist.barrier()
+    now = {"model": {"model": {"d_model": 8}, "moe": {"aux_loss_weight": 0.0, "new": 1}}}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        ckpt.load(build_engine(groups, 1, 1, seed=1), d, run=now)
+    return err.getvalue()
+
+
+def _checkpoint_part(rank, world, groups, grad_accum, root):
+    out = {}
+    for stage in STAGES:
+        out[stage] = _round_trip(rank, groups, stage, f"{root}/zero{stage}")
+    out["warning"] = _guarded_load(rank, groups, f"{root}/zero1")
+    # a checkpoint from another ZeRO stage is refused with a clear error
+    try:
+        ckpt.load(build_engine(groups, 2, 1), f"{root}/zero1")
+        out["mismatch"] = None
+    except XparConfigError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def world4(ckpt_root):
+    parts = {"checkpoint": _checkpoint_part}
+    return run_distributed(battery, 4, parts, 1, str(ckpt_root), timeout=600)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoint_restores_params_and_optimizer_state_exactly(world4, stage):
+    for rank, out in enumerate(part(world4, "checkpoint")):
+        r = out[stage]
+        assert r["init_diff"] > 1e-2, "the fresh engine must start elsewhere"
+        assert r["param_diff"] == 0, (rank, stage)
+        assert r["opt_numel"] > 0 and r["opt_diff"] == 0, (rank, stage)
+        assert r["lr"][0] == r["lr"][1]
+        assert r["steps"] == 2
+        assert r["client_ok"], (rank, stage)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_training_continues_identically_after_load(world4, stage):
+    for rank, out in enumerate(part(world4, "checkpoint")):
+        (losses_a, norms_a), (losses_b, norms_b) = out[stage]["cont"]
+        assert losses_b == losses_a and norms_b == norms_a, (rank, stage)
+        assert out[stage]["final_diff"] == 0, (rank, stage)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_rank_files_keep_the_format_of_the_committed_fixture(world4, stage):
+    fixture_layout = json.loads((FIXTURE_STEP / ckpt.LAYOUT_FILE).read_text())
+    for rank, out in enumerate(part(world4, "checkpoint")):
+        f = out[stage]["file"]
+        assert f["keys"] == RANK_FILE_KEYS and f["rank"] == rank
+        assert f["layout"] == {"format": 1, "world_size": 4, "ep_size": 2, "zero_stage": stage,
+                               "precision": "fp32"}  # fmt: skip
+        assert set(f["layout"]) <= set(fixture_layout)
+
+
+def test_checkpoint_files_and_layout_mismatch(world4, ckpt_root):
+    outs = part(world4, "checkpoint")
+    meta = json.loads((ckpt_root / "zero1" / "xpar_parallel.json").read_text())
+    assert (meta["world_size"], meta["ep_size"], meta["zero_stage"]) == (4, 2, 1)
+    names = sorted(p.name for p in (ckpt_root / "zero0").iterdir())
+    assert names == [f"rank{r:05d}.pt" for r in range(4)] + ["xpar_parallel.json"]
+    for out in outs:
+        assert out["mismatch"] is not None and "parallel.zero_stage" in out["mismatch"]
+
+
+def test_load_warns_once_about_changed_hyperparameters(world4):
+    warnings = [out["warning"] for out in part(world4, "checkpoint")]
+    assert warnings[1:] == ["", "", ""]
+    (line,) = warnings[0].splitlines()
+    assert line.startswith("xpar: warning: resuming ") and "zero1" in line
+    assert "(moe.aux_loss_weight: checkpoint 0.01, now 0.0)" in line
+
+
+# ------------------------------------------------------------------ the trainer, end to end
+
+
+def _resume_fixture(tmp_path, *overrides, check=True):
+    out = tmp_path / "resumed"
+    shutil.copytree(golden.CKPT_FIXTURE, out / "checkpoints")
+    args = golden.SMALL + golden.data_overrides(tmp_path / "cache")
+    args += ["train.steps=3", "train.ckpt_every=3", *overrides]
+    return out, golden.torchrun(out, args, check=check)
+
+
+@pytest.mark.slow
+def test_old_checkpoint_resumes_with_a_changed_hyperparameter_after_one_warning(tmp_path):
+    out, p = _resume_fixture(tmp_path, "moe.aux_loss_weight=0.0")
+    assert "at step 2" in p.stdout
+    lines = [x for x in p.stderr.splitlines() if x.startswith("xpar: warning: resuming")]
+    assert len(lines) == 1, p.stderr[-3000:]
+    assert "moe.aux_loss_weight: checkpoint 0.01, now 0.0" in lines[0]
+    assert sorted(golden.losses(out)) == [3]
+    # from now on the tokenizer is recorded too
+    shared = ckpt.read_client_state(out / "checkpoints" / "step_00000003")
+    assert shared["tokenizer"] == {"spec": "byte", "fingerprint": "byte-v1", "vocab_size": 257}
+
+
+@pytest.mark.slow
+def test_old_checkpoint_with_other_shapes_is_refused_naming_the_parameters(tmp_path):
+    out, p = _resume_fixture(tmp_path, "moe.d_ff=16", check=False)
+    assert p.returncode != 0, p.stderr[-3000:]  # torchrun: 1 when a rank fails
+    assert "different model (moe.d_ff: checkpoint 32, now 16)" in p.stderr
+    assert "blocks.0.ffn.experts.w1 saved [2, 32, 32], now [2, 32, 16]" in p.stderr
+    assert "train.resume=never" in p.stderr
+    assert not (out / "metrics.jsonl").exists() or not golden.losses(out)
+    assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(golden.CKPT_FIXTURE))
