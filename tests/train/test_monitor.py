@@ -1,35 +1,23 @@
-"""Monitor: real offline W&B runs read back from disk, console output, MFU, secrets."""
+"""Monitor: the facade the trainer uses, on real offline W&B runs read back from disk."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import re
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from xpar.config.schema import LoggerConfig
 from xpar.errors import XparConfigError
+from xpar.redact import REDACTED
 from xpar.testing import run_distributed
-from xpar.train.monitor import (
-    REDACTED,
-    Monitor,
-    MonitorConfig,
-    _table_peak,
-    format_duration,
-    format_train_line,
-    measure_matmul_flops,
-    mfu,
-    moe_layer_metrics,
-    peak_flops,
-    progress_bar,
-    read_offline_run,
-    scrub_secrets,
-)
+from xpar.train.monitor import Monitor
+from xpar.train.wandb_reader import read_offline_run
 
 # Fake secrets planted in configs / env: must never reach a file under the run dir.
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -71,54 +59,116 @@ def _all_bytes(root: Path) -> list[tuple[Path, bytes]]:
     return [(p, p.read_bytes()) for p in root.rglob("*") if p.is_file()]
 
 
+class _Clock:
+    """A settable clock, so tokens/s between log steps is exact."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 # ----------------------------------------------------------------------------------------
 # A real offline run, read back from disk
 # ----------------------------------------------------------------------------------------
 
 
-def test_offline_run_logs_metrics_histograms_and_scrubbed_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_API_KEY", FAKE_ENV_KEY)  # present in env, must not be written
-    run_dir = tmp_path / "run"
-    config = {
-        "model": {"d_model": 64, "n_layers": 2},
-        "data": {"tokenizer": "byte", "url": f"https://example.invalid/?k={FAKE_WANDB_KEY}"},
-        "logger": {"wandb_mode": "offline", "api_key": FAKE_WANDB_KEY},
-        "hub": {"hf_token": FAKE_HF_TOKEN, "notes": FAKE_HF_TOKEN},
-        "db": {"password": FAKE_PASSWORD},
-        "train": {"steps": 4, "max_tokens": 123},
-    }
-    cfg = MonitorConfig(log_every=2, hist_every=4, progress_bar="never")
-    peak, fpt, world = 1e12, 6e6, 2
-    counts = [[10.0, 20.0, 30.0, 60.0], [25.0, 25.0, 25.0, 25.0]]
-    out = io.StringIO()
+PEAK, FPT, WORLD = 1e12, 6e6, 2
+COUNTS = [[10.0, 20.0, 30.0, 60.0], [25.0, 25.0, 25.0, 25.0]]
+CONFIG_WITH_SECRETS = {
+    "model": {"d_model": 64, "n_layers": 2},
+    "data": {"tokenizer": "byte", "url": f"https://example.invalid/?k={FAKE_WANDB_KEY}"},
+    "logger": {"wandb_mode": "offline", "api_key": FAKE_WANDB_KEY},
+    "hub": {"hf_token": FAKE_HF_TOKEN, "notes": FAKE_HF_TOKEN},
+    "db": {"password": FAKE_PASSWORD},
+    "train": {"steps": 4, "max_tokens": 123},
+}
+
+
+def _log_four_steps(run_dir: Path, out: io.StringIO) -> tuple[Monitor, dict[int, dict]]:
+    cfg = LoggerConfig(log_every=2, hist_every=4, progress_bar="never")
+    clock = _Clock()
     mon = Monitor(
         cfg,
         rank=0,
         total_steps=4,
         run_dir=run_dir,
-        config=config,
-        world_size=world,
-        flops_per_token=fpt,
-        peak_flops=peak,
+        config=CONFIG_WITH_SECRETS,
+        world_size=WORLD,
+        flops_per_token=FPT,
+        peak_flops=PEAK,
         stream=out,
+        clock=clock,
     )
     assert mon.run_id and mon.wandb_dir is not None
+    # log steps one second apart, so tokens/s = 1000 * step: 2000 by step 2, 4000 more by 4
+    tokens_seen = {2: 2000, 4: 6000}
     logged = {}
     for step in range(1, 5):
         if not mon.should_log(step):
             continue
+        clock.t = step / 2
         logged[step] = mon.log_train(
             step,
             loss=torch.tensor(4.0 - 0.5 * step),
             lr=1e-3 * step,
             grad_norm=torch.tensor(0.25 * step),
-            tokens_per_s=1000.0 * step,
+            tokens_seen=tokens_seen[step],
             moe_layers=[
-                _aux(counts[0], 0.125, 1.25, 1.5, 0.75),
-                _aux(counts[1], 0.0, 1.375, 1.0, 0.25),
+                _aux(COUNTS[0], 0.125, 1.25, 1.5, 0.75),
+                _aux(COUNTS[1], 0.0, 1.375, 1.0, 0.25),
             ],
         )
     mon.log_val(4, 2.0)
+    return mon, logged
+
+
+def _check_train_row(row: dict, step: int, logged: dict) -> None:
+    assert row["train/loss"] == _f32(4.0 - 0.5 * step)
+    assert row["train/lr"] == 1e-3 * step
+    assert row["train/grad_norm"] == _f32(0.25 * step)
+    assert row["train/tokens_per_s"] == 1000.0 * step
+    assert row["train/mfu"] == pytest.approx(FPT * 1000.0 * step / WORLD / PEAK, rel=1e-12)
+    assert row["moe/aux_loss"] == pytest.approx(1.25)  # mean of the layers' lb_loss
+    assert row["moe/z_loss"] == pytest.approx(0.5)
+    assert row["moe/layer_0/dropped_fraction"] == 0.125
+    assert row["moe/layer_0/max_load"] == 60.0
+    assert row["moe/layer_0/mean_load"] == 30.0
+    assert row["moe/layer_0/max_over_mean_load"] == 2.0
+    assert row["moe/layer_0/router_entropy"] == 1.25
+    assert row["moe/layer_1/max_over_mean_load"] == 1.0
+    assert row["moe/layer_1/dropped_fraction"] == 0.0
+    # what log_train returned is what reached the disk
+    for key, value in logged.items():
+        if key != "eta_s":
+            assert row[key] == pytest.approx(value, rel=1e-12), key
+
+
+def _check_config_arrived_secrets_did_not(run: dict, run_dir: Path, text: str) -> None:
+    c = run["config"]
+    assert c["model"] == {"d_model": 64, "n_layers": 2}
+    assert c["data"]["tokenizer"] == "byte"  # "token" inside a word is not a secret
+    assert c["train"]["max_tokens"] == 123
+    assert c["logger"]["api_key"] == REDACTED
+    assert c["hub"] == {"hf_token": REDACTED, "notes": REDACTED}
+    assert c["db"]["password"] == REDACTED
+    assert c["data"]["url"] == REDACTED  # a string holding a key goes whole
+    files = _all_bytes(run_dir)
+    assert len(files) >= 3
+    for secret in (FAKE_WANDB_KEY, FAKE_ENV_KEY, FAKE_HF_TOKEN, FAKE_PASSWORD):
+        for path, data in files:
+            assert secret.encode() not in data, f"{secret} leaked into {path}"
+    # the console got one line per log step and never a secret
+    assert len([ln for ln in text.splitlines() if ln.startswith("step ")]) == 2
+    assert FAKE_WANDB_KEY not in text
+
+
+def test_offline_run_logs_metrics_histograms_and_scrubbed_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_ENV_KEY)  # present in env, must not be written
+    run_dir = tmp_path / "run"
+    out = io.StringIO()
+    mon, logged = _log_four_steps(run_dir, out)
     wandb_dir = mon.finish()
     assert wandb_dir is not None and wandb_dir.is_relative_to(run_dir)
     assert list(wandb_dir.glob("run-*.wandb"))
@@ -128,59 +178,23 @@ def test_offline_run_logs_metrics_histograms_and_scrubbed_config(tmp_path, monke
     rows = {row["_step"]: row for row in run["history"]}
     assert sorted(rows) == [2, 4]
     for step in (2, 4):
-        row = rows[step]
-        assert row["train/loss"] == _f32(4.0 - 0.5 * step)
-        assert row["train/lr"] == 1e-3 * step
-        assert row["train/grad_norm"] == _f32(0.25 * step)
-        assert row["train/tokens_per_s"] == 1000.0 * step
-        assert row["train/mfu"] == pytest.approx(fpt * 1000.0 * step / world / peak, rel=1e-12)
-        assert row["moe/aux_loss"] == pytest.approx(1.25)  # mean of the layers' lb_loss
-        assert row["moe/z_loss"] == pytest.approx(0.5)
-        assert row["moe/layer_0/dropped_fraction"] == 0.125
-        assert row["moe/layer_0/max_load"] == 60.0
-        assert row["moe/layer_0/mean_load"] == 30.0
-        assert row["moe/layer_0/max_over_mean_load"] == 2.0
-        assert row["moe/layer_0/router_entropy"] == 1.25
-        assert row["moe/layer_1/max_over_mean_load"] == 1.0
-        assert row["moe/layer_1/dropped_fraction"] == 0.0
-        # what log_train returned is what reached the disk
-        for key, value in logged[step].items():
-            if key != "eta_s":
-                assert row[key] == pytest.approx(value, rel=1e-12), key
+        _check_train_row(rows[step], step, logged[step])
     # histogram only on the hist_every step: one bin per expert, height = its tokens
     assert "moe/layer_0/tokens_per_expert" not in rows[2]
     for i in (0, 1):
         hist = rows[4][f"moe/layer_{i}/tokens_per_expert"]
         assert hist["_type"] == "histogram"
-        assert hist["values"] == counts[i]
+        assert hist["values"] == COUNTS[i]
         assert hist["bins"] == [0, 1, 2, 3, 4]
     assert rows[4]["val/loss"] == 2.0
     assert rows[4]["val/ppl"] == pytest.approx(math.exp(2.0))
     assert run["summary"]["val/loss"] == 2.0
-
-    # config arrived, secrets did not
-    c = run["config"]
-    assert c["model"] == {"d_model": 64, "n_layers": 2}
-    assert c["data"]["tokenizer"] == "byte"  # "token" inside a word is not a secret
-    assert c["train"]["max_tokens"] == 123
-    assert c["logger"]["api_key"] == REDACTED
-    assert c["hub"] == {"hf_token": REDACTED, "notes": REDACTED}
-    assert c["db"]["password"] == REDACTED
-    assert c["data"]["url"] == f"https://example.invalid/?k={REDACTED}"
-    files = _all_bytes(run_dir)
-    assert len(files) >= 3
-    for secret in (FAKE_WANDB_KEY, FAKE_ENV_KEY, FAKE_HF_TOKEN, FAKE_PASSWORD):
-        for path, data in files:
-            assert secret.encode() not in data, f"{secret} leaked into {path}"
-    # the console got one line per log step and never a secret
-    text = out.getvalue()
-    assert len([ln for ln in text.splitlines() if ln.startswith("step ")]) == 2
-    assert FAKE_WANDB_KEY not in text
+    _check_config_arrived_secrets_did_not(run, run_dir, out.getvalue())
 
 
 def test_resume_keeps_the_run_id(tmp_path):
     run_dir = tmp_path / "run"
-    cfg = MonitorConfig(log_every=1, hist_every=0, progress_bar="never")
+    cfg = LoggerConfig(log_every=1, hist_every=0, progress_bar="never")
     sink = io.StringIO()
     first = Monitor(cfg, total_steps=4, run_dir=run_dir, config={"seg": 1}, stream=sink)
     for step in (1, 2):
@@ -215,7 +229,7 @@ def test_resume_keeps_the_run_id(tmp_path):
 
 def test_nonzero_rank_creates_nothing_and_prints_nothing(tmp_path, capfd):
     run_dir = tmp_path / "run"
-    cfg = MonitorConfig(wandb_mode="offline", log_every=1, hist_every=1, progress_bar="always")
+    cfg = LoggerConfig(wandb_mode="offline", log_every=1, hist_every=1, progress_bar="always")
     mon = Monitor(
         cfg,
         rank=1,
@@ -245,7 +259,7 @@ def _two_rank_monitor(rank, world_size, run_dir):
     torch.set_num_threads(1)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        cfg = MonitorConfig(log_every=1, hist_every=1, progress_bar="never")
+        cfg = LoggerConfig(log_every=1, hist_every=1, progress_bar="never")
         mon = Monitor(cfg, rank=rank, total_steps=2, run_dir=run_dir, world_size=world_size)
         for step in (1, 2):
             loss = torch.tensor([float(rank + step)])
@@ -268,29 +282,8 @@ def test_two_real_ranks_only_rank0_logs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# Console: line format, progress bar vs plain lines
+# What the console shows through the monitor: plain lines vs the progress bar
 # ----------------------------------------------------------------------------------------
-
-
-def test_console_line_format():
-    metrics = {
-        "train/loss": 4.12345,
-        "train/lr": 3e-3,
-        "train/grad_norm": 0.5321,
-        "train/tokens_per_s": 12345.0,
-        "train/mfu": 0.01234,
-        "moe/layer_0/dropped_fraction": 0.02,
-        "moe/layer_1/dropped_fraction": 0.04,
-        "moe/layer_0/max_over_mean_load": 1.2,
-        "moe/layer_1/max_over_mean_load": 1.42,
-        "eta_s": 185.0,
-    }
-    assert format_train_line(10, 200, metrics) == (
-        "step  10/200 | loss 4.1235 | lr 3.00e-03 | gnorm 0.532 | 12.3k tok/s | mfu 1.23% | "
-        "drop 3.00% | load max/mean 1.42 | eta 3m05s"
-    )
-    # a dense model without MoE stats and no throughput yet
-    assert format_train_line(1, 5, {"train/loss": 2.0}) == "step 1/5 | loss 2.0000 | eta ?"
 
 
 class _Tty(io.StringIO):
@@ -299,7 +292,7 @@ class _Tty(io.StringIO):
 
 
 def _drive(progress: str, stream) -> str:
-    cfg = MonitorConfig(wandb_mode="disabled", log_every=2, hist_every=0, progress_bar=progress)
+    cfg = LoggerConfig(wandb_mode="disabled", log_every=2, hist_every=0, progress_bar=progress)
     mon = Monitor(cfg, total_steps=4, run_dir="unused", stream=stream)
     mon.print_config({"a": 1})
     mon.start(0, 0)
@@ -352,7 +345,7 @@ def test_progress_bar_on_a_terminal(progress, stream):
 
 def test_print_config_and_summary_print_once():
     out = io.StringIO()
-    cfg = MonitorConfig(wandb_mode="disabled", progress_bar="never")
+    cfg = LoggerConfig(wandb_mode="disabled", progress_bar="never")
     mon = Monitor(cfg, total_steps=1, run_dir="unused", stream=out, config={"secret": "x"})
     mon.print_config()
     mon.print_config()
@@ -363,17 +356,9 @@ def test_print_config_and_summary_print_once():
     assert f"secret: {REDACTED}\n" in text or f"secret: '{REDACTED}'\n" in text
 
 
-def test_progress_bar_and_duration_text():
-    assert progress_bar(45, 200, 62.0) == "[#####-------------------]  45/200  22% eta 1m02s"
-    assert progress_bar(0, 10, None) == "[------------------------]  0/10   0% eta ?"
-    assert format_duration(3725) == "1h02m"
-    assert format_duration(42.3) == "42s"
-    assert format_duration(float("inf")) == "?"
-
-
 def test_log_and_histogram_schedule():
     mon = Monitor(
-        MonitorConfig(wandb_mode="disabled", log_every=10, hist_every=25),
+        LoggerConfig(wandb_mode="disabled", log_every=10, hist_every=25),
         rank=3,
         total_steps=95,
         run_dir="unused",
@@ -382,7 +367,7 @@ def test_log_and_histogram_schedule():
     assert logs == [10, 20, 30, 40, 50, 60, 70, 80, 90, 95]
     # the first log step at or past each multiple of 25
     assert [s for s in logs if mon.should_hist(s)] == [30, 50, 80]
-    off = Monitor(MonitorConfig(wandb_mode="disabled", hist_every=0), total_steps=9, run_dir="x")
+    off = Monitor(LoggerConfig(wandb_mode="disabled", hist_every=0), total_steps=9, run_dir="x")
     assert not any(off.should_hist(s) for s in range(1, 10))
 
 
@@ -391,145 +376,33 @@ def test_log_and_histogram_schedule():
     [("wandb_mode", "cloud"), ("progress_bar", "yes"), ("log_every", 0), ("hist_every", -1)],
 )
 def test_bad_logger_config_names_field(field, value):
-    cfg = MonitorConfig(**{field: value})
     with pytest.raises(XparConfigError, match=f"logger.{field}="):
-        Monitor(cfg, total_steps=1, run_dir="unused")
+        Monitor(LoggerConfig(**{field: value}), total_steps=1, run_dir="unused")
 
 
-# ----------------------------------------------------------------------------------------
-# Secrets, MoE stats, MFU
-# ----------------------------------------------------------------------------------------
-
-
-def test_scrub_secrets():
-    cfg = {
-        "WANDB_API_KEY": "abc",
-        "apiKey": "abc",
-        "hfToken": "abc",
-        "client_secret": {"nested": 1},
-        "tokenizer": "byte",
-        "keep_checkpoints": 2,
-        "max_tokens": 5,
-        "token_key": "",  # empty: nothing to hide, left as is
-        "list": [f"x {FAKE_WANDB_KEY} y", f"local-{FAKE_WANDB_KEY}", "a" * 39],
-    }
-    out = scrub_secrets(cfg)
-    assert out["WANDB_API_KEY"] == out["apiKey"] == out["hfToken"] == REDACTED
-    assert out["client_secret"] == REDACTED
-    assert out["tokenizer"] == "byte" and out["keep_checkpoints"] == 2 and out["max_tokens"] == 5
-    assert out["token_key"] == ""
-    assert out["list"] == [f"x {REDACTED} y", REDACTED, "a" * 39]
-    assert cfg["apiKey"] == "abc"  # a copy: the caller's config is untouched
-
-
-def test_moe_layer_metrics_from_tensors_and_dicts():
-    m = moe_layer_metrics(_aux([0.0, 2.0, 4.0, 2.0], 0.25, 1.5, 1.0, 0.5))
-    assert m["max_load"] == 4.0 and m["mean_load"] == 2.0 and m["max_over_mean_load"] == 2.0
-    assert m["dropped_fraction"] == 0.25 and m["router_entropy"] == 1.5
-    assert m["tokens_per_expert"] == [0.0, 2.0, 4.0, 2.0]
-    assert moe_layer_metrics({"tokens_per_expert": [0, 0]})["max_over_mean_load"] == 0.0
-
-
-def test_mfu_and_peak_flops(monkeypatch):
-    assert mfu(6e9, 1e4, 1e15) == pytest.approx(0.06)
-    with pytest.raises(ValueError):
-        mfu(1.0, 1.0, 0.0)
-    assert _table_peak("NVIDIA H100 80GB HBM3") == 989e12
-    assert _table_peak("NVIDIA H100 PCIe") == 756e12
-    assert _table_peak("NVIDIA H200") == 989e12
-    assert _table_peak("NVIDIA A100-SXM4-80GB") == 312e12
-    assert _table_peak("NVIDIA L40S") == 362e12 and _table_peak("NVIDIA L4") == 121e12
-    assert _table_peak("Some Future GPU") is None
-    monkeypatch.setenv("XPAR_PEAK_FLOPS", "123e12")
-    assert peak_flops("cpu") == 123e12
-    monkeypatch.setenv("XPAR_PEAK_FLOPS", "fast")
-    with pytest.raises(XparConfigError, match="XPAR_PEAK_FLOPS"):
-        peak_flops("cpu")
-    # CPU: a measured fp32 matmul rate, plausible for any machine
-    rate = measure_matmul_flops("cpu", n=256, repeats=2)
-    assert 1e8 < rate < 1e14
-
-
-# ----------------------------------------------------------------------------------------
-# The reader on hand-built files: records spanning blocks, corruption, truncation
-# ----------------------------------------------------------------------------------------
-
-
-def _frame(records: list[bytes]) -> bytes:
-    """Write payloads as a leveldb log (our own writer, to test the reader's framing)."""
-    out = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0))
-    for rec in records:
-        first = True
-        while True:
-            left = 32768 - len(out) % 32768
-            if left < 7:
-                out += b"\0" * left
-                continue
-            take = min(left - 7, len(rec))
-            last = take == len(rec)
-            kind = (1 if last else 2) if first else (4 if last else 3)
-            chunk, rec = rec[:take], rec[take:]
-            crc = zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF
-            out += struct.pack("<IHB", crc, len(chunk), kind) + chunk
-            first = False
-            if last:
-                break
-    return bytes(out)
-
-
-def _records() -> list[bytes]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    run = pb.Record()
-    run.run.run_id = "handmade"
-    item = run.run.config.update.add()
-    item.key, item.value_json = "big", '"' + "x" * 70000 + '"'  # spans 3 blocks
-    recs = [run.SerializeToString()]
-    for step in range(3):
-        h = pb.Record()
-        i = h.history.item.add()
-        i.nested_key.append("_step")
-        i.value_json = str(step)
-        i = h.history.item.add()
-        i.nested_key.append("train/loss")
-        i.number = 1.0 / (step + 1)  # typed value, not value_json
-        recs.append(h.SerializeToString())
-    return recs
-
-
-def test_reader_handles_block_spanning_records_and_truncation(tmp_path):
-    data = _frame(_records())
-    path = tmp_path / "run-handmade.wandb"
-    path.write_bytes(data)
-    run = read_offline_run(path)
-    assert run["run_id"] == "handmade"
-    assert len(run["config"]["big"]) == 70000
-    assert [r["train/loss"] for r in run["history"]] == [1.0, 0.5, 1.0 / 3]
-
-    path.write_bytes(data[:-3])  # a crash mid-write: the last record is lost, no error
-    assert len(read_offline_run(path)["history"]) == 2
-
-    bad = bytearray(data)
-    bad[-1] ^= 0xFF
-    path.write_bytes(bytes(bad))
-    with pytest.raises(ValueError, match="checksum"):
-        read_offline_run(path)
-    path.write_bytes(_frame(_records()[1:]))  # history but no run record yet
-    with pytest.raises(ValueError, match="no run record"):
-        read_offline_run(path)
-    path.write_bytes(b"not a wandb file")
-    with pytest.raises(ValueError, match="header"):
-        read_offline_run(path)
-    with pytest.raises(FileNotFoundError):
-        read_offline_run(tmp_path / "empty_dir_that_is_missing")
+def test_default_logger_config_when_none():
+    mon = Monitor(None, rank=1, total_steps=20, run_dir="unused")
+    assert mon.cfg == LoggerConfig()
+    assert [s for s in range(1, 21) if mon.should_log(s)] == [10, 20]
 
 
 def test_accepts_the_real_logger_config():
-    from xpar.config.schema import LoggerConfig
-
     out = io.StringIO()
     cfg = LoggerConfig(wandb_mode="disabled", log_every=1, progress_bar="never")
     mon = Monitor(cfg, total_steps=1, run_dir="unused", stream=out)
     assert mon.should_log(1)
     mon.log_train(1, loss=1.0)
     assert out.getvalue().startswith("step 1/1 | loss 1.0000")
+
+
+def test_metrics_rows_go_to_run_dir_on_rank_0_only(tmp_path):
+    cfg = LoggerConfig(wandb_mode="disabled", progress_bar="never")
+    rows = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25, "lr": 1e-3}]
+    for rank in (1, 0):
+        with Monitor(cfg, rank=rank, total_steps=2, run_dir=tmp_path, stream=io.StringIO()) as mon:
+            assert mon.metrics_path == tmp_path / "metrics.jsonl"
+            for row in rows:
+                mon.write_metrics(row)
+        assert mon.metrics_path.exists() == (rank == 0)
+    lines = mon.metrics_path.read_text(encoding="utf-8").splitlines()
+    assert lines == [json.dumps(row) for row in rows]

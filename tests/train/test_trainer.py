@@ -123,7 +123,7 @@ def test_killed_and_resumed_run_continues_the_same_loss_curve(tmp_path):
     assert [first[s] for s in range(1, 8)] == [want[s] for s in range(1, 8)]
 
     # The resumed run kept its W&B run: one run id across both segments, metrics on disk.
-    from xpar.train.monitor import read_offline_run
+    from xpar.train.wandb_reader import read_offline_run
 
     run = read_offline_run(broken / "wandb")
     keys = set().union(*(row.keys() for row in run["history"]))

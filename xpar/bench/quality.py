@@ -31,7 +31,7 @@ from pathlib import Path
 
 import xpar
 from xpar.config.store import compose_config
-from xpar.train.monitor import read_offline_run
+from xpar.train.wandb_reader import read_offline_run
 
 ARMS = {"dense": "quality_dense", "moe": "quality_moe"}
 TARGET_RATIO = 0.7

@@ -53,10 +53,9 @@ from xpar.config.schema import (
     OptimConfig,
     ParallelConfig,
     XparConfig,
-    looks_like_secret,
 )
 from xpar.errors import XparConfigError
-from xpar.redact import REDACTED, is_secret_key
+from xpar.redact import redact, to_plain
 
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -243,29 +242,9 @@ def to_plain_dict(cfg: XparConfig | DictConfig) -> dict[str, Any]:
     """A JSON-ready nested dict of the config for W&B and checkpoints, with secrets redacted.
 
     Any key named like a secret (…key, token, secret, password, auth…) and any string that
-    looks like an API key is replaced by "<redacted>".
+    looks like an API key is replaced by "<redacted>" (the one rule: xpar.redact).
     """
-    if isinstance(cfg, DictConfig):
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    else:
-        plain = dataclasses.asdict(cfg)
-    return _scrub(plain)
-
-
-def _scrub(x: Any, key: str = "") -> Any:
-    if key and is_secret_key(key) and not _is_empty(x):
-        return REDACTED
-    if isinstance(x, Mapping):
-        return {str(k): _scrub(v, str(k)) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_scrub(v) for v in x]
-    if looks_like_secret(x):
-        return REDACTED
-    return x
-
-
-def _is_empty(x: Any) -> bool:
-    return x is None or x == "" or x == {} or x == []
+    return redact(to_plain(cfg))
 
 
 def _explain(e: BaseException, overrides: list[str]) -> str:

@@ -8,7 +8,6 @@ checkpoint, preemption), final eval and checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -226,7 +225,6 @@ def train(cfg: XparConfig) -> TrainResult:
     monitor.print(f"val loss before: {result.val_loss_before:.4f}")
 
     watcher = PreemptionWatcher(group=groups.dp_group)
-    metrics_path = out_dir / METRICS_FILE
     tokens_per_step = tc.micro_batch_size * tc.grad_accum * world * seq_len
     monitor.start(step=start_step, tokens_seen=tokens_seen)
     t_loop = time.perf_counter()
@@ -316,9 +314,7 @@ def train(cfg: XparConfig) -> TrainResult:
             )
             row.update(lr=lr, grad_norm=gn)
             row.update({k: v for k, v in logged.items() if isinstance(v, (int, float))})
-        if rank == 0:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        monitor.write_metrics(row)  # rank 0 only
         if step % tc.eval_every == 0 and step < tc.steps:
             vl = evaluate(engine, val_batches, device, dtype)
             monitor.log_val(step, vl)
@@ -350,7 +346,7 @@ def train(cfg: XparConfig) -> TrainResult:
     wandb_dir = monitor.finish()
     result.wandb_dir = str(wandb_dir) if wandb_dir else None
     if rank == 0:
-        print(f"metrics: {metrics_path}", flush=True)
+        print(f"metrics: {monitor.metrics_path}", flush=True)
     watcher.requeue_if_slurm()
     watcher.uninstall()
     result.exit_code = watcher.exit_code()
