@@ -248,6 +248,6 @@ def test_defaults_are_valid_python_objects():
     ],
 )
 def test_secret_shapes(value, secret):
-    from xpar.config import looks_like_secret
+    from xpar.redact import looks_like_secret
 
     assert looks_like_secret(value) is secret

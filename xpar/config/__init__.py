@@ -14,7 +14,6 @@ _EXPORTS = {
     "ParallelConfig": "schema",
     "TrainConfig": "schema",
     "XparConfig": "schema",
-    "looks_like_secret": "schema",
     "CONFIG_DIR": "store",
     "XparConfigWarning": "store",
     "compose_config": "store",

@@ -24,7 +24,6 @@ run on CPU).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from xpar.data.config import DataConfig
 from xpar.errors import XparConfigError
 from xpar.models.config import ModelConfig, check_causal, moe_block_ids
 from xpar.moe.config import MoEConfig
+from xpar.redact import looks_like_secret
 
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant", "linear")
@@ -45,21 +45,6 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 # W&B rejects these characters in entity/project names.
 _WANDB_BAD_CHARS = set("/\\#?%:")
-# A W&B API key is 40 hex characters (optionally behind a prefix such as "local-"); other
-# services' tokens carry a known prefix, or are long unbroken runs of letters and digits.
-# No entity, project or run name looks like that (a full 40-hex git SHA would: shorten it).
-_KEY_PATTERNS = (
-    re.compile(r"[0-9a-fA-F]{40}"),
-    re.compile(r"(?:sk|hf|ghp|gho|github_pat|wandb|xox[bp])[-_][A-Za-z0-9_\-]{16,}"),
-    re.compile(r"(?=[A-Za-z0-9]*\d)(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{32,}"),
-)
-
-
-def looks_like_secret(value: object) -> bool:
-    """Whether a string looks like an API key or access token."""
-    return isinstance(value, str) and any(p.search(value) for p in _KEY_PATTERNS)
-
-
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule. min_lr is the floor of cosine/linear decay."""

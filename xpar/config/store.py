@@ -123,14 +123,6 @@ def _console_level() -> str:
     return "INFO" if current_rank() == 0 else "WARNING"
 
 
-def hydra_rank_overrides() -> list[str]:
-    """Extra Hydra overrides for this rank (empty: the resolvers above already do it).
-
-    Kept for entry points that compose without conf/config.yaml's hydra section.
-    """
-    return [] if current_rank() == 0 else ["hydra.output_subdir=null"]
-
-
 def register_configs() -> None:
     """Register schemas and resolvers (idempotent)."""
     cs = ConfigStore.instance()
