@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from xpar.parallel.groups import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "munged"]
 
@@ -68,16 +70,10 @@ def node_hardware() -> str:
     return " ".join(keep)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_config(root: Path) -> Path:
     host = socket.gethostname().split(".")[0]
     # free ports, so a cluster left by someone else on this machine is no obstacle
-    ctld_port, slurmd_port = _free_port(), _free_port()
+    ctld_port, slurmd_port = free_port(), free_port()
     for d in ("state", "spool", "log", "run"):
         (root / d).mkdir(parents=True, exist_ok=True)
     conf = root / "slurm.conf"

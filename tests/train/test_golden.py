@@ -34,7 +34,9 @@ def test_stdlib_tiny_losses_are_bitwise_the_recorded_ones(tmp_path):
 
     rec = json.loads(golden.GOLDEN.read_text())
     if platform.python_version() != rec["stdlib_python"]:
-        pytest.skip(f"recorded on Python {rec['stdlib_python']}, this is {platform.python_version()}")
+        pytest.skip(
+            f"recorded on Python {rec['stdlib_python']}, this is {platform.python_version()}"
+        )
     want = {int(k): v for k, v in rec["stdlib_tiny_losses"].items()}
     golden.torchrun(tmp_path / "run", ["experiment=tiny", "logger.wandb_mode=disabled"])
     assert golden.losses(tmp_path / "run") == want

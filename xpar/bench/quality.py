@@ -207,8 +207,31 @@ def run_benchmark(
     t0 = time.perf_counter()
     out = Path(out).resolve()
     common = list(overrides) + ([f"train.steps={steps}"] if steps is not None else [])
-    # Compose both arms here first: a config mistake fails in a second, not after a run,
-    # and the fairness conditions are checked on what will actually run.
+    d = _compose_fair_arms(common)
+    n_steps = d.train.steps
+    tokens_per_step = d.train.micro_batch_size * d.train.grad_accum * d.data.seq_len
+    jobs = max(1, min(int(jobs), len(ARMS)))
+    env = _child_env(max(1, (os.cpu_count() or 1) // jobs))
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"quality: dense vs MoE, {n_steps} steps x {tokens_per_step} tokens, eval every "
+        f"{d.train.eval_every} steps on {d.train.eval_batches} batches; {jobs} job(s) at once, "
+        f"{env['OMP_NUM_THREADS']} thread(s) each; logs in {out}/<arm>.log",
+        flush=True,
+    )
+    runner = _ArmRunner(out, common, n_steps, env, t0)
+    walls = runner.run_all(jobs, progress_every_s)
+    result = _compare(out, walls, n_steps, tokens_per_step, common)
+    png = write_plot(result, plot if plot is not None else out / "quality.png")
+    result.plot = str(png) if png else None
+    result.wall_s = time.perf_counter() - t0
+    (out / "quality.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def _compose_fair_arms(common: list[str]):
+    """Both arms composed up front (a config mistake fails in a second, not after a run),
+    and the fairness conditions checked on what will actually run; returns the dense arm."""
     cfgs = {
         name: compose_config([f"experiment={exp}", *common], world_size=1)
         for name, exp in ARMS.items()
@@ -225,70 +248,81 @@ def run_benchmark(
                 f"quality: the two arms differ in {what}.*; the comparison needs the same "
                 "data, steps and lr schedule (change both experiment files together)"
             )
-    n_steps = d.train.steps
-    tokens_per_step = d.train.micro_batch_size * d.train.grad_accum * d.data.seq_len
+    return d
 
-    jobs = max(1, min(int(jobs), len(ARMS)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = _child_env(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    pending = list(ARMS.items())
-    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
-    walls: dict[str, float] = {}
-    last_report = time.perf_counter()
-    print(
-        f"quality: dense vs MoE, {n_steps} steps x {tokens_per_step} tokens, eval every "
-        f"{d.train.eval_every} steps on {d.train.eval_batches} batches; {jobs} job(s) at once, "
-        f"{env['OMP_NUM_THREADS']} thread(s) each; logs in {out}/<arm>.log",
-        flush=True,
-    )
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                name, exp = pending.pop(0)
-                arm_dir = out / name
-                shutil.rmtree(arm_dir, ignore_errors=True)  # resume=never, and one W&B run
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "xpar.train",
-                    f"experiment={exp}",
-                    *common,
-                    f"train.out_dir={arm_dir}",
-                    "train.resume=never",
-                    "logger.wandb_mode=offline",
-                    "logger.progress_bar=never",
-                    f"train.ckpt_every={n_steps}",  # one checkpoint, at the end
-                ]
-                log = out / f"{name}.log"
-                with open(log, "w", encoding="utf-8") as f:
-                    f.write(" ".join(cmd) + "\n")
-                    f.flush()
-                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-                running[name] = (proc, time.perf_counter(), log)
-            time.sleep(0.5)
-            for name, (proc, started, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
-                walls[name] = time.perf_counter() - started
-                if proc.returncode != 0:
-                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-                    raise RuntimeError(
-                        f"quality: the {name} run failed (exit {proc.returncode}); "
-                        f"last lines of {log}:\n{tail}"
-                    )
-            if running and time.perf_counter() - last_report >= progress_every_s:
-                last_report = time.perf_counter()
-                where = ", ".join(
-                    f"{n} step {_last_step(out / n / 'metrics.jsonl')}/{n_steps}" for n in running
+
+class _ArmRunner:
+    """Runs the arms as trainer processes, `jobs` at a time, reporting progress."""
+
+    def __init__(self, out: Path, common: list[str], n_steps: int, env: dict, t0: float):
+        self.out, self.common, self.n_steps, self.env, self.t0 = out, common, n_steps, env, t0
+        self.running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+        self.walls: dict[str, float] = {}
+
+    def run_all(self, jobs: int, progress_every_s: float) -> dict[str, float]:
+        pending = list(ARMS.items())
+        last_report = time.perf_counter()
+        try:
+            while pending or self.running:
+                while pending and len(self.running) < jobs:
+                    self._launch(*pending.pop(0))
+                time.sleep(0.5)
+                self._reap()
+                if self.running and time.perf_counter() - last_report >= progress_every_s:
+                    last_report = time.perf_counter()
+                    self._report(last_report)
+        finally:
+            for proc, _, _ in self.running.values():
+                proc.kill()
+                proc.wait()
+        return self.walls
+
+    def _launch(self, name: str, exp: str) -> None:
+        arm_dir = self.out / name
+        shutil.rmtree(arm_dir, ignore_errors=True)  # resume=never, and one W&B run
+        cmd = [
+            sys.executable,
+            "-m",
+            "xpar.train",
+            f"experiment={exp}",
+            *self.common,
+            f"train.out_dir={arm_dir}",
+            "train.resume=never",
+            "logger.wandb_mode=offline",
+            "logger.progress_bar=never",
+            f"train.ckpt_every={self.n_steps}",  # one checkpoint, at the end
+        ]
+        log = self.out / f"{name}.log"
+        with open(log, "w", encoding="utf-8") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
+        self.running[name] = (proc, time.perf_counter(), log)
+
+    def _reap(self) -> None:
+        for name, (proc, started, log) in list(self.running.items()):
+            if proc.poll() is None:
+                continue
+            del self.running[name]
+            self.walls[name] = time.perf_counter() - started
+            if proc.returncode != 0:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                raise RuntimeError(
+                    f"quality: the {name} run failed (exit {proc.returncode}); "
+                    f"last lines of {log}:\n{tail}"
                 )
-                print(f"quality: {where} ({last_report - t0:.0f}s)", flush=True)
-    finally:
-        for proc, _, _ in running.values():
-            proc.kill()
-            proc.wait()
 
+    def _report(self, now: float) -> None:
+        where = ", ".join(
+            f"{n} step {_last_step(self.out / n / 'metrics.jsonl')}/{self.n_steps}"
+            for n in self.running
+        )
+        print(f"quality: {where} ({now - self.t0:.0f}s)", flush=True)
+
+
+def _compare(
+    out: Path, walls: dict[str, float], n_steps: int, tokens_per_step: int, common: list[str]
+) -> QualityResult:
     arms = {
         name: ArmResult(
             name=name,
@@ -305,7 +339,7 @@ def run_benchmark(
     dense_steps = steps_to_reach(dense.val_curve, target)
     moe_steps = steps_to_reach(moe.val_curve, target)
     ratio = moe_steps / dense_steps if moe_steps is not None and dense_steps else None
-    result = QualityResult(
+    return QualityResult(
         dense=dense,
         moe=moe,
         steps=n_steps,
@@ -314,14 +348,9 @@ def run_benchmark(
         dense_steps=dense_steps,
         moe_steps=moe_steps,
         ratio=ratio,
-        wall_s=time.perf_counter() - t0,
+        wall_s=0.0,
         overrides=common,
     )
-    png = write_plot(result, plot if plot is not None else out / "quality.png")
-    result.plot = str(png) if png else None
-    result.wall_s = time.perf_counter() - t0
-    (out / "quality.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
 
 
 def report(r: QualityResult) -> str:

@@ -10,8 +10,8 @@ are legal but probably not what the user meant come back as warning strings
 (XparConfig.validate returns them) so the caller decides who prints them
 (rank 0 only, see xpar.config.store.load_and_validate).
 
-DeepSpeed: validate() also builds the DeepSpeed config through the adapter
-(xpar.parallel.deepspeed.build_ds_config, pure), so its refusals (keys xpar owns,
+DeepSpeed: validate() also builds the DeepSpeed config with the pure builder
+(xpar.parallel.ds_config.build_ds_config, no deepspeed import), so its refusals (keys xpar owns,
 ZeRO-3, bf16 with ZeRO-0, offload, unreadable deepspeed_json) come up front too.
 
 Precision: parallel.precision=bf16 on a machine without CUDA is allowed with a
@@ -45,6 +45,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 # W&B rejects these characters in entity/project names.
 _WANDB_BAD_CHARS = set("/\\#?%:")
+
+
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule. min_lr is the floor of cosine/linear decay."""
@@ -129,7 +131,7 @@ class ParallelConfig:
                 "file not found; give the path of a DeepSpeed JSON config, or '' for none",
             )
         # What the keys inside may say is checked by XparConfig.validate, through the
-        # DeepSpeed adapter itself (xpar.parallel.deepspeed.build_ds_config).
+        # DeepSpeed config builder itself (xpar.parallel.ds_config.build_ds_config).
 
     def resolved_backend(self, cuda_available: bool) -> str:
         if self.backend != "auto":

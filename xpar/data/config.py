@@ -33,19 +33,30 @@ class DataConfig:
     def validate(self, prefix: str = "data") -> None:
         # OmegaConf hands us a ListConfig; anything list-like of strings is fine.
         if isinstance(self.files, (str, bytes)) or not hasattr(self.files, "__iter__"):
-            raise bad(prefix, "files", self.files, "give a list of paths or globs, e.g. [data/*.jsonl]")
+            raise bad(
+                prefix, "files", self.files, "give a list of paths or globs, e.g. [data/*.jsonl]"
+            )
         for f in self.files:
             if not isinstance(f, str) or not f.strip():
-                raise bad(prefix, "files", list(self.files), "every entry must be a non-empty path or glob")
+                raise bad(
+                    prefix,
+                    "files",
+                    list(self.files),
+                    "every entry must be a non-empty path or glob",
+                )
         need_str(prefix, self, "text_field", "name the json/parquet column holding text")
         need_str(prefix, self, "tokenizer", 'use "byte" or a local tokenizer directory')
         need_int(prefix, self, "seq_len", 1, "use an integer >= 1 (tokens per training sequence)")
         vf = self.val_fraction
         if not is_number(vf) or not 0.0 < vf < 1.0:
-            raise bad(prefix, "val_fraction", vf, "use a number strictly between 0 and 1, e.g. 0.05")
+            raise bad(
+                prefix, "val_fraction", vf, "use a number strictly between 0 and 1, e.g. 0.05"
+            )
         need_int(prefix, self, "max_files", 0, "use 0 (all files) or a file count >= 1")
         if not is_int(self.seed):
             raise bad(prefix, "seed", self.seed, "use an integer")
         need_bool(prefix, self, "shuffle")
         if not isinstance(self.cache_dir, str):
-            raise bad(prefix, "cache_dir", self.cache_dir, 'use a directory path, or "" for the default')
+            raise bad(
+                prefix, "cache_dir", self.cache_dir, 'use a directory path, or "" for the default'
+            )

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from xpar.errors import XparConfigError, XparDistributedError
+from xpar.moe.experts import local_experts
 
 
 @dataclass
@@ -59,14 +60,8 @@ class ParallelGroups:
         return torch.device("cpu")
 
     def experts_of_rank(self, num_experts: int) -> range:
-        """Global ids of the experts this rank holds."""
-        if num_experts % self.ep_size:
-            raise XparConfigError(
-                f"moe.num_experts={num_experts} is not divisible by parallel.ep_size={self.ep_size}; "
-                f"choose an ep_size that divides {num_experts}"
-            )
-        n_local = num_experts // self.ep_size
-        return range(self.ep_rank * n_local, (self.ep_rank + 1) * n_local)
+        """Global ids of the experts this rank holds (the layout rule of xpar.moe.experts)."""
+        return local_experts(num_experts, self.ep_size, self.ep_rank)
 
 
 def expert_group_name(ep_size: int) -> str:
