@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import moe_aux
 
 from xpar.train.moe_metrics import moe_layer_metrics, moe_step_metrics, to_float
 
 
-def _aux(counts, dropped, entropy, lb, z):
-    # what MoELayer returns as aux (tensors), reduced by the trainer
-    return {
-        "tokens_per_expert": torch.tensor(counts, dtype=torch.float32),
-        "dropped_fraction": torch.tensor(dropped),
-        "router_entropy": torch.tensor(entropy),
-        "lb_loss": torch.tensor(lb),
-        "z_loss": torch.tensor(z),
-    }
-
-
 def test_moe_layer_metrics_from_tensors_and_dicts():
-    m = moe_layer_metrics(_aux([0.0, 2.0, 4.0, 2.0], 0.25, 1.5, 1.0, 0.5))
+    m = moe_layer_metrics(moe_aux([0.0, 2.0, 4.0, 2.0], 0.25, 1.5, 1.0, 0.5))
     assert m["max_load"] == 4.0 and m["mean_load"] == 2.0 and m["max_over_mean_load"] == 2.0
     assert m["dropped_fraction"] == 0.25 and m["router_entropy"] == 1.5
     assert m["tokens_per_expert"] == [0.0, 2.0, 4.0, 2.0]
@@ -29,8 +19,8 @@ def test_moe_layer_metrics_from_tensors_and_dicts():
 
 def test_step_metrics_keys_order_losses_and_histograms():
     layers = [
-        _aux([10.0, 20.0, 30.0, 60.0], 0.125, 1.25, 1.5, 0.75),
-        _aux([1.0, 1.0], 0.0, 0.5, 1.0, 0.25),
+        moe_aux([10.0, 20.0, 30.0, 60.0], 0.125, 1.25, 1.5, 0.75),
+        moe_aux([1.0, 1.0], 0.0, 0.5, 1.0, 0.25),
     ]
     m, hists = moe_step_metrics(layers)
     assert list(m) == [

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import moe_aux
 
 from xpar.config.schema import LoggerConfig
 from xpar.errors import XparConfigError
@@ -26,28 +27,8 @@ FAKE_HF_TOKEN = "hf_" + "Ab3" * 12
 FAKE_PASSWORD = "hunter2-not-a-real-password"
 
 
-@pytest.fixture(autouse=True)
-def _wandb_env(tmp_path_factory, monkeypatch):
-    # Everything wandb writes outside the run dir goes to a throwaway place; no network.
-    home = tmp_path_factory.mktemp("wandb_home")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(home))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
-    for var in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME", "XPAR_PEAK_FLOPS"):
-        monkeypatch.delenv(var, raising=False)
-
-
-def _aux(counts, dropped, entropy, lb, z):
-    # what MoELayer returns as aux (tensors), reduced by the trainer
-    return {
-        "tokens_per_expert": torch.tensor(counts, dtype=torch.float32),
-        "dropped_fraction": torch.tensor(dropped),
-        "router_entropy": torch.tensor(entropy),
-        "lb_loss": torch.tensor(lb),
-        "z_loss": torch.tensor(z),
-    }
+# Every test here writes W&B files to a throwaway home, never the network.
+pytestmark = pytest.mark.usefixtures("wandb_home")
 
 
 def _f32(x: float) -> float:
@@ -116,8 +97,8 @@ def _log_four_steps(run_dir: Path, out: io.StringIO) -> tuple[Monitor, dict[int,
             grad_norm=torch.tensor(0.25 * step),
             tokens_seen=tokens_seen[step],
             moe_layers=[
-                _aux(COUNTS[0], 0.125, 1.25, 1.5, 0.75),
-                _aux(COUNTS[1], 0.0, 1.375, 1.0, 0.25),
+                moe_aux(COUNTS[0], 0.125, 1.25, 1.5, 0.75),
+                moe_aux(COUNTS[1], 0.0, 1.375, 1.0, 0.25),
             ],
         )
     mon.log_val(4, 2.0)
@@ -243,7 +224,9 @@ def test_nonzero_rank_creates_nothing_and_prints_nothing(tmp_path, capfd):
     for step in (1, 2):
         mon.tick(step)
         assert mon.should_log(step)  # the schedule is the same on every rank
-        assert mon.log_train(step, loss=1.0, lr=1e-3, moe_layers=[_aux([1, 2], 0, 1, 1, 1)]) == {}
+        assert (
+            mon.log_train(step, loss=1.0, lr=1e-3, moe_layers=[moe_aux([1, 2], 0, 1, 1, 1)]) == {}
+        )
     assert mon.log_val(2, 1.0) == {}
     mon.print("hello from rank 1")
     mon.print_summary(checkpoint_dir=tmp_path / "ckpt")

@@ -14,19 +14,8 @@ from xpar.config.schema import LoggerConfig
 from xpar.train.sinks.wandb import WandbSink
 from xpar.train.wandb_reader import has_exit_record, read_offline_run
 
-
-@pytest.fixture(autouse=True)
-def _wandb_env(tmp_path_factory, monkeypatch):
-    # Everything wandb writes outside the run dir goes to a throwaway place; no network.
-    home = tmp_path_factory.mktemp("wandb_home")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(home))
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / "config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(home / "cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
-    for var in ("WANDB_MODE", "WANDB_RUN_ID", "WANDB_RESUME"):
-        monkeypatch.delenv(var, raising=False)
-    return home
+# Every test here writes W&B files to a throwaway home, never the network.
+pytestmark = pytest.mark.usefixtures("wandb_home")
 
 
 def test_offline_run_scalars_histograms_and_exit_record(tmp_path):
@@ -84,15 +73,15 @@ print(json.dumps({"warnings": [str(w.message) for w in caught], "dir": str(sink.
 """
 
 
-def test_online_without_a_key_falls_back_to_offline(tmp_path, _wandb_env):
+def test_online_without_a_key_falls_back_to_offline(tmp_path, wandb_home):
     # no key anywhere W&B looks (env, netrc, settings under HOME), and a server that is not
     # there: wandb.init(mode="online") refuses and nothing leaves the machine
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(
-        HOME=str(_wandb_env),
-        NETRC=str(_wandb_env / "no-netrc"),
+        HOME=str(wandb_home),
+        NETRC=str(wandb_home / "no-netrc"),
         WANDB_SILENT="true",
-        WANDB_CONFIG_DIR=str(_wandb_env / "config"),
+        WANDB_CONFIG_DIR=str(wandb_home / "config"),
         WANDB_BASE_URL="http://127.0.0.1:9",
         PYTHONPATH=str(Path(__file__).resolve().parents[3]),
     )

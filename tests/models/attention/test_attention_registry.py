@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_dense import naive_attention
+from test_dense_attention import naive_attention
 
 from xpar.config.checks import bad
 from xpar.errors import XparConfigError
