@@ -42,6 +42,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
 PROGRESS_BARS = ("auto", "always", "never")
 ZERO_STAGES = (0, 1, 2, 3)
+RESUME_MODES = ("auto", "force", "never")
 
 # W&B rejects these characters in entity/project names.
 _WANDB_BAD_CHARS = set("/\\#?%:")
@@ -198,6 +199,14 @@ class TrainConfig:
     global_batch_size=0 derives micro_batch_size * grad_accum * world_size. out_dir is
     relative to the launch directory and deterministic (no timestamps): every rank agrees
     on it and a rerun finds its checkpoints (resume=auto).
+
+    resume: auto (the latest checkpoint in out_dir, if any), force (the same, accepting a
+    config that differs from the checkpoint's), never, or a checkpoint directory.
+    overwrite: let resume=never start over in an out_dir that holds a run.
+    init_from: a checkpoint directory to take the weights from (a new run at step 0).
+    noop_ok: exit 0 when resume finds the run already finished (nothing to do).
+    print_config: print the resolved config (it always goes to a file and to W&B).
+    verbose: let third-party libraries' messages through to the console.
     """
 
     steps: int = 200
@@ -213,6 +222,11 @@ class TrainConfig:
     out_dir: str = "outputs/main"
     deterministic: bool = True
     max_time_s: float = 0.0
+    overwrite: bool = False
+    init_from: str = ""
+    noop_ok: bool = False
+    print_config: bool = False
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -232,23 +246,36 @@ class TrainConfig:
         need_int(prefix, self, "eval_batches", 1, "use >= 1 validation batches per evaluation")
         need_int(prefix, self, "ckpt_every", 1, "checkpoint every n >= 1 steps")
         need_int(prefix, self, "keep_checkpoints", 1, "keep >= 1 checkpoints")
+        self._check_checkpoint_paths(prefix)
+        need_int(prefix, self, "seed", 0, "use an integer seed >= 0")
+        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
+            raise bad(prefix, "out_dir", self.out_dir, "name an output directory, e.g. outputs/x")
+        for name in ("deterministic", "overwrite", "noop_ok", "print_config", "verbose"):
+            need_bool(prefix, self, name)
+        need_number(prefix, self, "max_time_s", 0, "use seconds >= 0 (0 = no limit)")
+
+    def _check_checkpoint_paths(self, prefix: str) -> None:
         if not isinstance(self.resume, str) or not self.resume:
-            raise bad(prefix, "resume", self.resume, "use auto, never, or a checkpoint directory")
-        if self.resume not in ("auto", "never") and not os.path.isdir(
-            os.path.expanduser(self.resume)
-        ):
+            raise bad(
+                prefix, "resume", self.resume, "use auto, force, never, or a checkpoint directory"
+            )
+        if self.resume not in RESUME_MODES and not os.path.isdir(os.path.expanduser(self.resume)):
             raise bad(
                 prefix,
                 "resume",
                 self.resume,
-                "no such checkpoint directory; use auto (latest in out_dir, if any), never, "
-                "or an existing checkpoint directory",
+                "no such checkpoint directory; use auto (latest in out_dir, if any), force, "
+                "never, or an existing checkpoint directory",
             )
-        need_int(prefix, self, "seed", 0, "use an integer seed >= 0")
-        if not isinstance(self.out_dir, str) or not self.out_dir.strip():
-            raise bad(prefix, "out_dir", self.out_dir, "name an output directory, e.g. outputs/x")
-        need_bool(prefix, self, "deterministic")
-        need_number(prefix, self, "max_time_s", 0, "use seconds >= 0 (0 = no limit)")
+        if not isinstance(self.init_from, str) or (
+            self.init_from and not os.path.isdir(os.path.expanduser(self.init_from))
+        ):
+            raise bad(
+                prefix,
+                "init_from",
+                self.init_from,
+                "give an existing checkpoint directory (its weights start a new run), or ''",
+            )
 
 
 @dataclass

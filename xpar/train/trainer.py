@@ -217,7 +217,7 @@ def restore(run: Run) -> None:
     resume = run.cfg.train.resume
     if resume == "never":
         return
-    run.resume_dir = ckpt.latest(run.ckpt_root) if resume == "auto" else Path(resume)
+    run.resume_dir = ckpt.latest(run.ckpt_root) if resume in ("auto", "force") else Path(resume)
     if run.resume_dir is None:
         return
     shared = ckpt.read_client_state(run.resume_dir)
