@@ -1,8 +1,10 @@
 """build_data end to end on small real corpora: loading, packing, cache, errors, concurrency."""
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +13,10 @@ import pytest
 import torch
 from data_helpers import make_text, read_stream, split_docs, write_jsonl, write_txt
 
+from xpar.config.store import XparConfigWarning
 from xpar.data import DataConfig, build_data
+from xpar.data.build import describe_cache
+from xpar.data.corpus import VAL_TOLERANCE
 from xpar.errors import XparConfigError
 
 EOD = 256
@@ -45,7 +50,7 @@ def test_txt_packing_places_eod_and_shifts_targets(tmp_path, cache_dir):
     assert list(ends + 1) == list(np.cumsum([len(t) + 1 for t in train]))
 
 
-def test_jsonl_by_file_and_by_document(tmp_path, cache_dir):
+def test_jsonl_files_that_miss_the_share_split_by_document(tmp_path, cache_dir):
     docs = [make_text(i, n_lines=2) for i in range(40)] + [""]
     write_jsonl(tmp_path / "a.jsonl", docs[:20], field="body")
     write_jsonl(tmp_path / "b.jsonl", docs[20:], field="body")
@@ -54,12 +59,11 @@ def test_jsonl_by_file_and_by_document(tmp_path, cache_dir):
             files=[str(tmp_path / "*.jsonl")], text_field="body", seq_len=8, cache_dir=cache_dir
         )
     )
-    assert two.stats.split_by == "file"
-    got = decode_docs(two, "train"), decode_docs(two, "validation")
-    assert sorted(got, key=len) == [docs[:20], docs[20:40]] or sorted(got, key=len) == [
-        docs[20:40],
-        docs[:20],
-    ]
+    # Either file would be half the corpus: documents from both files are split instead.
+    assert two.stats.split_by == "document" and two.stats.val_share_ok
+    train, val = decode_docs(two, "train"), decode_docs(two, "validation")
+    assert val and not set(train) & set(val) and sorted(train + val) == sorted(docs[:40])
+    assert train == [d for d in docs[:40] if d in train]  # corpus order kept
     one = build_data(
         DataConfig(
             files=[str(tmp_path / "a.jsonl")], text_field="body", seq_len=8, cache_dir=cache_dir
@@ -80,6 +84,47 @@ def test_jsonl_by_file_and_by_document(tmp_path, cache_dir):
     assert decode_docs(again, "validation") == val and not again.stats.cache_hit
 
 
+def test_two_unequal_files_give_val_fraction_not_the_smaller_file(tmp_path, cache_dir):
+    """The issue's case: files of 65% and 35% of the tokens, val_fraction=0.05."""
+    docs = [make_text(i, n_lines=3) for i in range(200)]
+    write_jsonl(tmp_path / "a.jsonl", docs[:130])
+    write_jsonl(tmp_path / "b.jsonl", docs[130:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", XparConfigWarning)  # met: no warning
+        b = build_data(DataConfig(files=[str(tmp_path / "*.jsonl")], cache_dir=cache_dir))
+    s = b.stats
+    assert s.split_by == "document" and s.val_fraction == 0.05
+    assert s.val_share == s.validation.tokens / (s.train.tokens + s.validation.tokens)
+    assert abs(s.val_share - 0.05) <= VAL_TOLERANCE * 0.05 and 0.04 < s.val_share <= 0.05
+    assert "; val share 4." in s.summary() and s.summary().endswith("(target 5% ±2.5%)")
+
+
+def test_too_few_documents_warn_once_on_rank_0(tmp_path, cache_dir):
+    # Two text files are two documents: one of them is the validation set, whatever happens.
+    write_txt(tmp_path, {"a.txt": make_text(1, 40), "b.txt": make_text(2, 20)})
+    cfg = DataConfig(files=[str(tmp_path / "*.txt")], seq_len=8, cache_dir=cache_dir)
+    with pytest.warns(XparConfigWarning) as got:
+        b = build_data(cfg)
+    (w,) = got
+    msg = str(w.message)
+    assert "\n" not in msg and msg.startswith("data.val_fraction=0.05 not met: validation is ")
+    assert "(1 of 2 files), outside 2.5%..7.5%" in msg and "set data.val_fraction=0.3" in msg
+    assert b.stats.split_by == "file" and not b.stats.val_share_ok
+    assert b.stats.summary().endswith(", missed)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", XparConfigWarning)
+        build_data(cfg, rank=1, world_size=2, micro_batch_size=2)  # other ranks stay quiet
+
+
+def test_cache_report_names_who_built_it():
+    assert describe_cache([None]) == "cache hit"
+    assert describe_cache([None, None]) == "cache hit (all ranks)"
+    assert describe_cache([None, 2.34]) == "cache built by rank 1 in 2.3s"
+    assert describe_cache([1.0, None, None, 2.5]) == "cache built by 2 ranks (0, 3) in up to 2.5s"
+    many = describe_cache([1.0] * 6)
+    assert many == "cache built by 6 ranks (0, 1, 2, 3, ...) in up to 1.0s"
+
+
 def test_json_and_parquet_load(tmp_path, cache_dir):
     docs = [make_text(i, n_lines=3) for i in range(12)]
     with open(tmp_path / "recs.json", "w") as f:
@@ -94,7 +139,8 @@ def test_json_and_parquet_load(tmp_path, cache_dir):
     )
     got = decode_docs(b, "train") + decode_docs(b, "validation")
     assert sorted(got) == sorted(docs)
-    assert b.stats.train.files == 1 and b.stats.validation.files == 1
+    # One file of two would be half the tokens: the twelve documents are split instead.
+    assert b.stats.split_by == "document" and b.stats.train.docs + b.stats.validation.docs == 12
 
 
 def test_single_text_file_splits_by_position(tmp_path, cache_dir):
@@ -107,7 +153,17 @@ def test_single_text_file_splits_by_position(tmp_path, cache_dir):
     )
     (train,), (val,) = decode_docs(b, "train"), decode_docs(b, "validation")
     assert train + val == text and train.endswith("\n")
-    assert 0.08 < len(val) / len(text) < 0.12
+    assert 0.08 < len(val) / len(text) < 0.12 and b.stats.val_share_ok
+
+
+def test_single_document_with_a_far_line_break_is_cut_mid_line(tmp_path, cache_dir):
+    # The only line break after the cut would leave 4.9% for val_fraction=0.3.
+    text = "x" * 950 + "\n" + "y" * 49
+    write_txt(tmp_path, {"one.txt": text})
+    cfg = DataConfig(files=[str(tmp_path / "one.txt")], seq_len=8, val_fraction=0.3)
+    b = build_data(dataclasses.replace(cfg, cache_dir=cache_dir))
+    (train,), (val,) = decode_docs(b, "train"), decode_docs(b, "validation")
+    assert train + val == text and len(val) == 300 and b.stats.val_share_ok
 
 
 def test_default_stdlib_corpus_small_and_cached(cache_dir):

@@ -5,10 +5,10 @@ import shutil
 import sysconfig
 
 import pytest
-from data_helpers import make_text, write_txt
+from data_helpers import make_text, write_jsonl, write_txt
 
 from xpar.data import DataConfig
-from xpar.data.corpus import discover_corpus
+from xpar.data.corpus import VAL_TOLERANCE, discover_corpus, share_ok
 from xpar.errors import XparConfigError
 
 
@@ -41,6 +41,32 @@ def test_two_files_keep_one_for_each_split(tmp_path):
     write_txt(tmp_path, {"x.txt": make_text(1), "y.txt": make_text(2)})
     c = discover_corpus(DataConfig(files=[str(tmp_path / "*.txt")]))
     assert len(c.split_files("train")) == 1 and len(c.split_files("validation")) == 1
+
+
+def test_jsonl_files_split_by_file_only_when_files_reach_the_share(tmp_path):
+    for i in range(20):
+        write_jsonl(tmp_path / f"shard{i:02d}.jsonl", [make_text(10 * i + j) for j in range(5)])
+    many = discover_corpus(DataConfig(files=[str(tmp_path / "*.jsonl")], val_fraction=0.1))
+    assert many.split_by == "file" and len(many.val_files) == 2
+    # Two shards: either is half the corpus, so the split goes by document (no val files).
+    two = discover_corpus(DataConfig(files=[str(tmp_path / "shard0[01].jsonl")]))
+    assert two.split_by == "document" and two.val_files == []
+    assert [f.relpath for f in two.split_files("validation")] == ["shard00.jsonl", "shard01.jsonl"]
+
+
+def test_text_files_always_split_by_file():
+    # Each text file is one document, so nothing finer exists: the golden fixture corpus keeps
+    # its split (the smallest of 6 files, 16% of the bytes; build_data warns).
+    fixture = os.path.join(os.path.dirname(__file__), "..", "fixtures", "corpus")
+    c = discover_corpus(DataConfig(files=[fixture], max_files=0))
+    assert c.split_by == "file" and c.val_files == ["part0.txt"]
+
+
+def test_tolerance_is_relative_to_val_fraction():
+    assert VAL_TOLERANCE == 0.5
+    assert share_ok(0.025, 0.05) and share_ok(0.075, 0.05) and share_ok(0.0309, 0.05)
+    assert not share_ok(0.024, 0.05) and not share_ok(0.35, 0.05) and not share_ok(0.161, 0.05)
+    assert share_ok(0.15, 0.2) and not share_ok(0.09, 0.2)
 
 
 def test_max_files_is_a_stable_growing_subset(tmp_path):

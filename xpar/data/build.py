@@ -2,6 +2,7 @@
 
 Cheap to call on every rank, concurrently, before or without torch.distributed: the token
 cache is built once (file lock + atomic rename, see cache.py) and then memory-mapped.
+Rank 0 warns when the validation share misses val_fraction (see corpus.py for the rule).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from xpar.config.store import XparConfigWarning
 from xpar.data import cache, corpus, packing
 from xpar.data.config import DataConfig
 from xpar.data.loader import Batch, TrainLoader, ValLoader, check_shard
@@ -22,7 +26,7 @@ from xpar.errors import XparConfigError
 log = logging.getLogger(__name__)
 
 # Bump when the cached stream format or the document/split rules change.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -44,9 +48,43 @@ class DataStats:
     cache_hit: bool
     build_s: float  # time spent building the cache when it was built (by whoever built it)
     load_s: float  # time this call took
+    val_fraction: float  # asked for
+    val_share: float  # validation tokens / all tokens: what the split achieved
+
+    @property
+    def val_share_ok(self) -> bool:
+        return corpus.share_ok(self.val_share, self.val_fraction)
+
+    def summary(self) -> str:
+        """The split, each side's size and the validation share against its target."""
+        t, v = self.train, self.validation
+        missed = "" if self.val_share_ok else ", missed"
+        return (
+            f"{self.corpus} corpus split by {self.split_by}; train {t.docs} docs "
+            f"{t.tokens:,} tokens {t.blocks:,} blocks; val {v.docs} docs {v.tokens:,} tokens; "
+            f"val share {_pct(self.val_share)} (target {_pct(self.val_fraction)} "
+            f"±{_pct(corpus.VAL_TOLERANCE * self.val_fraction)}{missed})"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def describe_cache(build_s: Sequence[float | None]) -> str:
+    """Who built the token cache: build_s[r] is rank r's build time, None where it loaded."""
+    built = [(r, s) for r, s in enumerate(build_s) if s is not None]
+    if not built:
+        return "cache hit" + (" (all ranks)" if len(build_s) > 1 else "")
+    if len(built) == 1:
+        return f"cache built by rank {built[0][0]} in {built[0][1]:.1f}s"
+    # Several builders: ranks on nodes that do not share data.cache_dir.
+    ranks = ", ".join(str(r) for r, _ in built[:4]) + (", ..." if len(built) > 4 else "")
+    slowest = max(s for _, s in built)
+    return f"cache built by {len(built)} ranks ({ranks}) in up to {slowest:.1f}s"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
 
 
 @dataclass
@@ -90,7 +128,8 @@ def build_data(
 
     directory, meta, hit = cache.build_or_load(os.path.join(root, "tokens"), key, build)
     if not hit:
-        log.info(
+        # Debug only: the trainer's data line says once which rank built it (rank 0 speaks).
+        log.debug(
             "data: built token cache %s in %.1fs (load %.1fs, tokenize %.1fs)",
             directory,
             meta["build_s"],
@@ -137,5 +176,23 @@ def build_data(
         cache_hit=hit,
         build_s=float(meta.get("build_s", 0.0)),
         load_s=round(time.perf_counter() - t0, 3),
+        val_fraction=float(cfg.val_fraction),
+        val_share=split_stats["validation"].tokens
+        / (split_stats["train"].tokens + split_stats["validation"].tokens),
     )
+    if rank == 0 and not stats.val_share_ok:
+        warnings.warn(_missed_share(stats, len(corp.files)), XparConfigWarning, stacklevel=2)
     return DataBundle(tokenizer=tok, train=train, val=val, stats=stats)
+
+
+def _missed_share(st: DataStats, n_files: int) -> str:
+    unit = "files" if st.split_by == "file" else "documents"
+    held = st.validation.files if st.split_by == "file" else st.validation.docs
+    total = n_files if st.split_by == "file" else st.train.docs + st.validation.docs
+    lo, hi = ((1 - s * corpus.VAL_TOLERANCE) * st.val_fraction for s in (1, -1))
+    return (
+        f"data.val_fraction={st.val_fraction:g} not met: validation is {_pct(st.val_share)} "
+        f"of the tokens ({held} of {total} {unit}), outside {_pct(lo)}..{_pct(hi)}; whole "
+        f"{unit} cannot do better; add more or smaller {unit}, or set "
+        f"data.val_fraction={st.val_share:.2g}"
+    )

@@ -260,12 +260,15 @@ def _announce(run: Run) -> None:
         f"parallel: world={g.world_size} ep_size={g.ep_size} expert_dp={g.expert_dp_size} "
         f"zero_stage={cfg.parallel.zero_stage} precision={run.precision} backend={g.backend}"
     )
+    from xpar.data.build import describe_cache
+
     st = run.data.stats
-    say(
-        f"data: {st.corpus} corpus split by {st.split_by}; train {st.train.docs} docs "
-        f"{st.train.tokens:,} tokens {st.train.blocks:,} blocks; val {st.validation.docs} docs "
-        f"{st.validation.tokens:,} tokens; cache {'hit' if st.cache_hit else 'built'} in {st.load_s:.1f}s"
-    )
+    # Every rank built or loaded the cache before the process group: ask them who built it.
+    mine = torch.tensor([float(not st.cache_hit), st.build_s], dtype=torch.float64)
+    every = [torch.empty_like(mine, device=run.device) for _ in range(g.world_size)]
+    dist.all_gather(every, mine.to(run.device))
+    build_s = [float(t[1]) if t[0] else None for t in every]
+    say(f"data: {st.summary()}; {describe_cache(build_s)}")
     if run.resume_dir is not None:
         say(f"resumed from {run.resume_dir} at step {run.step}")
 
