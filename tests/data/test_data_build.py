@@ -30,10 +30,18 @@ def decode_docs(bundle, split):
 def test_txt_packing_places_eod_and_shifts_targets(tmp_path, cache_dir):
     texts = {f"f{i}.txt": make_text(i, n_lines=3 + i) for i in range(6)}
     write_txt(tmp_path / "c", texts)
-    cfg = DataConfig(files=[str(tmp_path / "c")], seq_len=16, cache_dir=cache_dir, shuffle=False)
+    # val_fraction 0.12: whole files (8% to 25% of the bytes each) can reach the share.
+    cfg = DataConfig(
+        files=[str(tmp_path / "c")],
+        seq_len=16,
+        val_fraction=0.12,
+        cache_dir=cache_dir,
+        shuffle=False,
+    )
     b = build_data(cfg, micro_batch_size=2)
     train, val = decode_docs(b, "train"), decode_docs(b, "validation")
     # Each file is one document, in sorted order, and each split holds whole files.
+    assert b.stats.split_by == "file"
     assert sorted(train + val) == sorted(texts.values())
     assert train == [t for t in texts.values() if t in train]
     assert b.stats.train.docs == len(train) and b.stats.validation.docs == len(val) >= 1
@@ -99,21 +107,34 @@ def test_two_unequal_files_give_val_fraction_not_the_smaller_file(tmp_path, cach
     assert "; val share 4." in s.summary() and s.summary().endswith("(target 5% ±2.5%)")
 
 
-def test_too_few_documents_warn_once_on_rank_0(tmp_path, cache_dir):
-    # Two text files are two documents: one of them is the validation set, whatever happens.
-    write_txt(tmp_path, {"a.txt": make_text(1, 40), "b.txt": make_text(2, 20)})
+def test_two_text_files_give_validation_the_tail_of_each(tmp_path, cache_dir):
+    # Two text files are two documents, either far more than 5% of the tokens: every
+    # document's last 5% (from a line break when one is near) goes to validation instead.
+    a, b_ = make_text(1, 40), make_text(2, 20)
+    write_txt(tmp_path, {"a.txt": a, "b.txt": b_})
     cfg = DataConfig(files=[str(tmp_path / "*.txt")], seq_len=8, cache_dir=cache_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", XparConfigWarning)
+        b = build_data(cfg)
+    train, val = decode_docs(b, "train"), decode_docs(b, "validation")
+    assert b.stats.split_by == "document" and b.stats.val_share_ok
+    assert sorted(t + v for t, v in zip(train, val, strict=True)) == sorted([a, b_])
+
+
+def test_documents_too_short_to_cut_warn_once_on_rank_0(tmp_path, cache_dir):
+    write_txt(tmp_path, {f"{c}.txt": f"{c}{c}\n" for c in "abc"})
+    cfg = DataConfig(files=[str(tmp_path / "*.txt")], seq_len=1, cache_dir=cache_dir)
     with pytest.warns(XparConfigWarning) as got:
         b = build_data(cfg)
     (w,) = got
     msg = str(w.message)
     assert "\n" not in msg and msg.startswith("data.val_fraction=0.05 not met: validation is ")
-    assert "(1 of 2 files), outside 2.5%..7.5%" in msg and "set data.val_fraction=0.3" in msg
-    assert b.stats.split_by == "file" and not b.stats.val_share_ok
+    assert "(cut from every document), outside 2.5%..7.5%" in msg and "too short" in msg
+    assert b.stats.split_by == "document" and not b.stats.val_share_ok
     assert b.stats.summary().endswith(", missed)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", XparConfigWarning)
-        build_data(cfg, rank=1, world_size=2, micro_batch_size=2)  # other ranks stay quiet
+        build_data(cfg, rank=1, world_size=2, micro_batch_size=1)  # other ranks stay quiet
 
 
 def test_cache_report_names_who_built_it():
@@ -134,6 +155,7 @@ def test_json_and_parquet_load(tmp_path, cache_dir):
         DataConfig(
             files=[str(tmp_path / "recs.json"), str(tmp_path / "rows.parquet")],
             seq_len=8,
+            val_fraction=0.1,  # one document is 1/12 of the tokens: whole documents reach it
             cache_dir=cache_dir,
         )
     )

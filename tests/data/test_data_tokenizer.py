@@ -78,7 +78,12 @@ def test_build_data_with_hf_tokenizer(tmp_path):
     train_bpe(tmp_path / "tok", ["<|endoftext|>"])
     texts = {f"f{i}.txt": make_text(100 + i) for i in range(5)}
     write_txt(tmp_path / "c", texts)
-    common = {"files": [str(tmp_path / "c")], "seq_len": 16, "cache_dir": str(tmp_path / "cache")}
+    common = {
+        "files": [str(tmp_path / "c")],
+        "seq_len": 16,
+        "val_fraction": 0.2,  # one of 5 files: whole files reach the share
+        "cache_dir": str(tmp_path / "cache"),
+    }
     b = build_data(DataConfig(tokenizer=str(tmp_path / "tok"), **common))
     byte = build_data(DataConfig(**common))
     assert b.stats.cache_dir != byte.stats.cache_dir  # the tokenizer is part of the cache key

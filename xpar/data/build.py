@@ -26,7 +26,7 @@ from xpar.errors import XparConfigError
 log = logging.getLogger(__name__)
 
 # Bump when the cached stream format or the document/split rules change.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -186,13 +186,12 @@ def build_data(
 
 
 def _missed_share(st: DataStats, n_files: int) -> str:
-    unit = "files" if st.split_by == "file" else "documents"
-    held = st.validation.files if st.split_by == "file" else st.validation.docs
-    total = n_files if st.split_by == "file" else st.train.docs + st.validation.docs
+    by_file = st.split_by == "file"
+    held = f"{st.validation.files} of {n_files} files" if by_file else "cut from every document"
+    why = "whole files cannot do better" if by_file else "the documents are too short to cut closer"
     lo, hi = ((1 - s * corpus.VAL_TOLERANCE) * st.val_fraction for s in (1, -1))
     return (
         f"data.val_fraction={st.val_fraction:g} not met: validation is {_pct(st.val_share)} "
-        f"of the tokens ({held} of {total} {unit}), outside {_pct(lo)}..{_pct(hi)}; whole "
-        f"{unit} cannot do better; add more or smaller {unit}, or set "
-        f"data.val_fraction={st.val_share:.2g}"
+        f"of the tokens ({held}), outside {_pct(lo)}..{_pct(hi)}; {why}; add more text, "
+        f"or set data.val_fraction={st.val_share:.2g}"
     )

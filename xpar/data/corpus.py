@@ -6,16 +6,16 @@ same on every machine with the same Python version and needs no download.
 
 The split never uses random state. It aims at a validation share within VAL_TOLERANCE of
 val_fraction (relative: 2.5%..7.5% of the tokens for 0.05), finest unit last:
-- by file, when whole files reach that share (enough files), or when every file is one
-  document (text files), so nothing finer exists. Files are walked in order of a hash of
-  their relative path; a file joins validation when it fits in what is left of
-  val_fraction of the bytes (if none fits, the smallest file does).
+- by file, when whole files reach that share (enough files). Files are walked in order
+  of a hash of their relative path; a file joins validation when it fits in what is left
+  of val_fraction of the bytes (if none fits, the smallest file does).
 - otherwise by document, across all files: documents walked in order of a hash of their
   text, each joining validation when it fits in what is left of val_fraction of the
   characters (if none fits, the smallest does).
-- one document in all (e.g. one .txt): its last val_fraction, cut at a line break.
-Each split keeps at least one file or document. A few large documents can still miss the
-tolerance; build_data then warns with the share achieved.
+- when whole documents cannot reach it either (one document, or a few large ones such
+  as two .txt files): every document's last val_fraction, cut at a line break.
+Each split keeps at least one file or document in train. A corpus too small for any of
+these still misses the tolerance; build_data then warns with the share achieved.
 """
 
 from __future__ import annotations
@@ -135,10 +135,7 @@ def split_by_file(files: list[CorpusFile], val_fraction: float) -> list[CorpusFi
     order = sorted(files, key=lambda f: (unit_hash("split", f.relpath), f.relpath))
     val = [order[i] for i in _fill([f.size for f in order], val_fraction)]
     share = sum(f.size for f in val) / sum(f.size for f in files)
-    # A text file is one document, so splitting text files by document is no finer.
-    if share_ok(share, val_fraction) or all(f.builder == "text" for f in files):
-        return val
-    return []
+    return val if share_ok(share, val_fraction) else []
 
 
 def _fill(sizes: list[int], val_fraction: float) -> list[int]:
@@ -339,23 +336,33 @@ def _split_documents(datasets, parts: list, val_fraction: float) -> dict[str, li
                 keys.append((unit_hash("doc", t), row))
                 sizes.append(len(t) + 1)  # + the end-of-document token
             row += 1
-    if len(rows) == 1:
-        return _cut_document(datasets, ds[rows[0]]["text"], val_fraction)
     order = sorted(range(len(rows)), key=lambda k: keys[k])
     picked = {order[p] for p in _fill([sizes[k] for k in order], val_fraction)} if rows else ()
+    share = sum(sizes[k] for k in picked) / max(sum(sizes), 1)
+    if len(rows) == 1 or (rows and not share_ok(share, val_fraction)):
+        # Whole documents cannot reach the share (one, or a few large ones): every
+        # document gives validation its last val_fraction instead.
+        return _cut_documents(datasets, [ds[r]["text"] for r in rows], val_fraction)
     val_idx = [r for k, r in enumerate(rows) if k in picked]  # corpus order kept
     train_idx = [r for k, r in enumerate(rows) if k not in picked]
     return {"train": [ds.select(train_idx)], "validation": [ds.select(val_idx)]}
 
 
-def _cut_document(datasets, text: str, val_fraction: float) -> dict[str, list]:
-    """The last val_fraction of one document is validation, starting on a fresh line unless
-    the next line break is so far that the share would drop out of tolerance."""
-    cut = int(len(text) * (1.0 - val_fraction))
-    limit = int(len(text) * (1.0 - val_fraction * (1.0 - VAL_TOLERANCE / 2)))
-    nl = text.find("\n", cut, limit)
-    if nl != -1:
-        cut = nl + 1
-    train = datasets.Dataset.from_dict({"text": [text[:cut]]})
-    val = datasets.Dataset.from_dict({"text": [text[cut:]]})
-    return {"train": [train], "validation": [val]}
+def _cut_documents(datasets, texts: list[str], val_fraction: float) -> dict[str, list]:
+    """The last val_fraction of each document is validation, starting on a fresh line
+    unless the next line break is so far that the share would drop out of tolerance."""
+    train, val = [], []
+    for text in texts:
+        cut = int(len(text) * (1.0 - val_fraction))
+        limit = int(len(text) * (1.0 - val_fraction * (1.0 - VAL_TOLERANCE / 2)))
+        nl = text.find("\n", cut, limit)
+        if nl != -1:
+            cut = nl + 1
+        cut = cut or len(text)  # a document too short to cut stays in train
+        train.append(text[:cut])
+        val.append(text[cut:])
+    keep = [i for i, t in enumerate(val) if t]
+    return {
+        "train": [datasets.Dataset.from_dict({"text": [t for t in train if t]})],
+        "validation": [datasets.Dataset.from_dict({"text": [val[i] for i in keep]})],
+    }
