@@ -6,11 +6,14 @@
 #
 # Experts are sharded over every rank: tiny's 4 do not split over 8 GPUs; 8 split over 1, 2, 4, 8.
 #
-# Arguments are Hydra overrides, passed through unchanged.
+# Arguments are Hydra overrides, passed through unchanged. The config is validated once,
+# here, before any rank starts (python -m xpar.config.check): a bad one is one line on
+# stderr and exit status 2, and torchrun never runs.
 # Environment:
 #   NPROC       ranks (default: visible GPU count, or 2 without a GPU)
 #   PYTHON      interpreter with xpar installed (default: python)
-#   XPAR_ENTRY  what torchrun runs (default: "-m xpar.train"; a script path works too)
+#   XPAR_ENTRY  what torchrun runs (default: "-m xpar.train"; a script path works too,
+#               and is not config-checked: it may take other arguments)
 #   TORCHRUN_ARGS extra torchrun flags, e.g. "--max-restarts=1"
 set -euo pipefail
 
@@ -26,6 +29,11 @@ export PYTHONUNBUFFERED=1
 
 read -r -a ENTRY <<< "${XPAR_ENTRY:--m xpar.train}"
 read -r -a EXTRA <<< "${TORCHRUN_ARGS:-}"
+# Under torchrun a config error is one message per rank in torchrun's ChildFailedError
+# report, exit 1; checked here it is one line, exit 2 (set -e passes the status on).
+if [ "${ENTRY[*]}" = "-m xpar.train" ]; then
+  "$PY" -m xpar.config.check --world-size "$NPROC" -- "$@"
+fi
 # --standalone: a local rendezvous on a free port, so two runs on one node do not collide.
 exec "$PY" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC" \
   "${EXTRA[@]}" "${ENTRY[@]}" "$@"

@@ -9,6 +9,8 @@
    same cycle with no help from the test. It runs tests/launch/standin_train.py
    (seconds-long, mostly asleep, same contract as the trainer), submitted first
    so that its waiting overlaps the other jobs.
+4. A bad config fails the job with one line and exit status 2 before any torchrun starts
+   (the batch script's config check, with the job's world size).
 """
 
 from __future__ import annotations
@@ -243,6 +245,26 @@ def test_time_limit_warning_from_slurm(cluster, timelimit_job):
     assert len({run for run, _, _ in starts}) == 1, "a requeued job must continue the same run"
     assert [m["step"] for m in metrics(rd)] == list(range(STANDIN_STEPS))
     assert re.search(rf"finished step {STANDIN_STEPS - 1} final loss", log), log
+
+
+def test_a_bad_config_fails_the_job_in_one_line_before_any_rank(cluster):
+    """The batch script's config check: with the job's world (1 node x 2 ranks), in one srun
+    task, before torchrun. ep_size=4 is fine for tiny's 4 experts but not for 2 ranks."""
+    jid = cluster.sbatch("bad", TRAINER, "experiment=tiny", "parallel.ep_size=4",
+                         opts=("--time=5",))  # fmt: skip
+    info = cluster.wait(jid, "bad", timeout=120)
+    log = cluster.log("bad", jid)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert info["Restarts"] == "0", log
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "xpar: config error: parallel.ep_size=4 does not divide the world size 2: "
+        "expert-parallel groups must tile the ranks; choose parallel.ep_size in [1, 2] "
+        "(0 = all ranks)"
+    ], log
+    assert "stopped before any rank started, exit 2" in log, log
+    assert "Traceback" not in log and "torch.distributed" not in log and "world=" not in log, log
+    assert not (cluster.run_dir("bad", jid) / "checkpoints").exists()
 
 
 if __name__ == "__main__":  # debugging: python tests/launch/test_slurm.py

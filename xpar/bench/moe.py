@@ -1,6 +1,7 @@
 """MoE layer benchmark: xpar (capacity and dropless) vs DeepSpeed's MoE vs the bound.
 
     torchrun --nproc-per-node 2 -m xpar.bench moe [--rounds 5] [--iters 3] [--device cuda --dtype bf16]
+    python -m xpar.bench moe --help      (every option, and the rows)
 
 The bound is this rank's routed rows (T*k) pushed through ONE dense expert MLP
 as a single matrix: the expert FLOPs with no routing, permutation or
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ ROWS = [
     Row(64, 2, 128, 256, 2048),
 ]
 CAPACITY_FACTOR = 1.25
+PROG = "python -m xpar.bench moe"
 
 
 class _DenseMLP(nn.Module):
@@ -110,15 +113,87 @@ def _time(fn, x, iters: int, device) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m xpar.bench moe")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--rows", default="", help="comma-separated row indices (default: all)")
-    args = ap.parse_args(argv)
+def _rows(text: str) -> list[Row]:
+    """--rows 0,2 -> those rows of ROWS (argparse reports a bad index as a usage error)."""
+    try:
+        idx = [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of row numbers"
+        ) from None
+    bad = [i for i in idx if not 0 <= i < len(ROWS)]
+    if bad or not idx:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} names no row or a row outside 0..{len(ROWS) - 1}; the rows are listed "
+            "in --help"
+        )
+    return [ROWS[i] for i in idx]
 
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    listed = "\n".join(
+        f"  {i}: E={r.E} k={r.k} d_model={r.d_model} d_ff={r.d_ff} tokens/rank={r.tokens}"
+        for i, r in enumerate(ROWS)
+    )
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="MoE layer forward+backward per step: xpar (capacity and dropless) vs\n"
+        "DeepSpeed's MoE vs the bound (the routed rows through one dense expert MLP).\n"
+        "Every rank holds E/world experts; the slowest rank's median is reported, with ratios.",
+        epilog=f"rows (--rows picks some):\n{listed}\n\n"
+        "Runs under torchrun, one process per rank, e.g.\n"
+        "  torchrun --standalone --nproc-per-node 2 -m xpar.bench moe --rows 0,1\n"
+        "  bash launch/dev.sh bench --rows 1",
+    )
+    ap.add_argument("--rounds", type=_positive, default=5,
+                    help="interleaved rounds over the candidates; the median is reported "
+                    "(default: 5)")  # fmt: skip
+    ap.add_argument("--iters", type=_positive, default=3,
+                    help="timed steps per candidate per round, after one warm-up (default: 3)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu (gloo) or cuda (NCCL, one GPU per rank by LOCAL_RANK) (default: cpu)")  # fmt: skip
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="parameter and activation dtype (default: fp32)")  # fmt: skip
+    ap.add_argument("--rows", type=_rows, default=ROWS, metavar="I,J,...",
+                    help="comma-separated row numbers from the table below (default: all)")  # fmt: skip
+    return ap
+
+
+def require_torchrun() -> None:
+    """Exit 2 with one line naming the fix unless torchrun (or srun) started this process."""
+    # Checked before deepspeed is imported: outside torchrun it fails on mpi4py, far from here.
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return
+    print(
+        f"{PROG} needs torchrun (one process per rank; WORLD_SIZE and RANK are not set): "
+        "torchrun --standalone --nproc-per-node 2 -m xpar.bench moe [options], "
+        "or bash launch/dev.sh bench [options]",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("RANK", "0") != "0" and {"-h", "--help"} & set(argv):
+        raise SystemExit(0)  # under torchrun: rank 0 prints the help, once
+    args = _parser().parse_args(argv)
+    require_torchrun()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"{PROG}: --device cuda but torch sees no GPU; use --device cpu", file=sys.stderr)
+        raise SystemExit(2)
+    _run(args)
+
+
+def _run(args: argparse.Namespace) -> None:
     import deepspeed
 
     device = torch.device(args.device)
@@ -128,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    rows = ROWS if not args.rows else [ROWS[int(i)] for i in args.rows.split(",")]
+    rows = args.rows
     order = ["xpar_capacity", "xpar_dropless", "deepspeed", "bound"]
     table = []
     for row in rows:

@@ -383,17 +383,44 @@ def _fmt_steps(s: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="python -m xpar.bench quality",
-        description="Dense vs MoE at equal active parameters: validation loss per step.",
-    )
-    ap.add_argument("--steps", type=int, default=None, help="steps per arm (default: the yaml)")
-    ap.add_argument("--out", default="outputs/quality", help="output folder (arms are replaced)")
-    ap.add_argument("--jobs", type=int, default=2, help="arms trained at once (1 or 2)")
-    ap.add_argument("--plot", default=None, help="PNG path (default: OUT/quality.png)")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to both arms")
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun every rank would train both arms into the same folder.
+        print(
+            f"python -m xpar.bench quality starts its own trainer processes: run it once, "
+            f"without torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']} here): "
+            "python -m xpar.bench quality [options]",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(2)
     r = run_benchmark(
         steps=args.steps, out=args.out, overrides=args.overrides, jobs=args.jobs, plot=args.plot
     )
     print(report(r), flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m xpar.bench quality",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Dense vs MoE at equal active parameters: validation loss per step.\n"
+        "Trains conf/experiment/quality_dense.yaml and quality_moe.yaml with the real trainer\n"
+        "(one process each, a world of one), then prints both curves, the steps each arm needs\n"
+        "to reach the dense model's final validation loss, and their ratio (goal: <= 0.7).",
+        epilog="Writes OUT/dense/ and OUT/moe/ (the runs), OUT/quality.json and the plot.\n"
+        "Run it with plain python, not torchrun, e.g.\n"
+        "  python -m xpar.bench quality --steps 100 train.eval_every=25",
+    )
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps per arm (default: train.steps of the yaml files)")  # fmt: skip
+    ap.add_argument("--out", default="outputs/quality",
+                    help="output folder; its dense/ and moe/ are replaced (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--jobs", type=int, default=2, choices=[1, 2],
+                    help="arms trained at once, each with its share of the CPU threads "
+                    "(default: 2)")  # fmt: skip
+    ap.add_argument("--plot", default=None,
+                    help="PNG path for the curves; needs matplotlib (default: OUT/quality.png)")  # fmt: skip
+    ap.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                    help="Hydra overrides applied to both arms, e.g. train.eval_every=25")  # fmt: skip
+    return ap

@@ -23,6 +23,7 @@ point config_path at CONFIG_DIR:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
 import warnings
@@ -33,7 +34,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import HydraException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -213,10 +214,7 @@ def _reject_unknown_keys(node: DictConfig, typ: type, path: str) -> None:
     for key in node.keys():
         full = f"{path}{key}"
         if key not in fields:
-            raise XparConfigError(
-                f"{full} is not a config key: valid keys of {path[:-1] or 'the root'} are "
-                f"{', '.join(sorted(fields))}; check the spelling"
-            )
+            raise XparConfigError(unknown_key_message(full))
         child = node._get_node(key)
         sub = hints[key]
         if dataclasses.is_dataclass(sub) and isinstance(child, DictConfig) and not child._is_none():
@@ -240,15 +238,17 @@ def to_plain_dict(cfg: XparConfig | DictConfig) -> dict[str, Any]:
 
 
 def _explain(e: BaseException, overrides: list[str]) -> str:
-    """Hydra/OmegaConf's message plus what to do about it."""
+    """Hydra/OmegaConf's message as one line that says what to do about it."""
+    ours = _xpar_error_in(e)
+    if ours is not None:
+        return str(ours)  # raised by one of our resolvers: already says what to do
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        return missing_option_message(e.missing_cfg_file, e.options or [])
+    if isinstance(e, OverrideParseException):
+        return _unparsable_message(e)
     cause = e
     while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
-    inner = cause
-    while inner is not None:
-        if isinstance(inner, XparConfigError):
-            return str(inner)  # raised by one of our resolvers: already says what to do
-        inner = inner.__cause__ or inner.__context__
     msg = str(e).strip()
     if cause is not e and str(cause).strip() not in msg:
         msg += f" ({str(cause).strip()})"
@@ -261,17 +261,78 @@ def _explain(e: BaseException, overrides: list[str]) -> str:
         )
     if full_key and ("not in" in msg or isinstance(cause, (ConfigKeyError, ConfigAttributeError))):
         # Hydra would suggest "+key=value" to append, but schema'd nodes refuse new keys too.
-        parent, _, _ = full_key.rpartition(".")
-        keys = _valid_keys(parent)
-        valid = f"valid keys of {parent or 'the root'} are {', '.join(keys)}; " if keys else ""
-        return (
-            f"{full_key} is not a config key{where}: {valid}check the spelling "
-            "(python -m xpar.train --cfg job prints the whole config)"
-        )
+        return unknown_key_message(full_key)
     if isinstance(cause, ValidationError) and full_key:
         first = str(cause).strip().splitlines()[0]
         return f"{full_key} has a value of the wrong type{where}: {first}; give a value of its type"
-    return f"invalid configuration{where}: {msg}"
+    return f"invalid configuration{where}: {_one_line(msg)}"
+
+
+def _xpar_error_in(e: BaseException) -> XparConfigError | None:
+    inner: BaseException | None = e
+    while inner is not None:
+        if isinstance(inner, XparConfigError):
+            return inner
+        inner = inner.__cause__ or inner.__context__
+    return None
+
+
+def _one_line(text: str) -> str:
+    # A config error is one line on the console: Hydra's tabs and newlines are layout only.
+    return " ".join(text.split())
+
+
+def _did_you_mean(word: str, candidates: Sequence[str], show: str = "{}") -> str:
+    """ "; did you mean X or Y?" for the candidates closest by edit distance ("" if none is)."""
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(show.format(c) for c in close)}?" if close else ""
+
+
+def unknown_key_message(full_key: str) -> str:
+    """`train.stpes is not a key of train; did you mean train.steps?` (the keys when none is close)."""
+    parent, _, leaf = full_key.rpartition(".")
+    if not parent:
+        nodes = _valid_keys("")
+        names = sorted(set(nodes) | set(_groups()))
+        hint = _did_you_mean(leaf, names)
+        return f"{leaf} is not a top-level key or config group{hint or '; they are ' + ', '.join(names)}"
+    keys = _valid_keys(parent)
+    hint = _did_you_mean(leaf, keys, show=f"{parent}.{{}}")
+    if hint:
+        return f"{full_key} is not a key of {parent}{hint}"
+    if keys:
+        return f"{full_key} is not a key of {parent}; the keys of {parent} are {', '.join(keys)}"
+    return (
+        f"{full_key} is not a key of {parent}; check the spelling "
+        "(python -m xpar.train --cfg job prints the whole config)"
+    )
+
+
+def missing_option_message(missing: str, options: Sequence[str]) -> str:
+    """`moe=topkk is not an option of moe ...; did you mean moe=topk? options of moe: ...`."""
+    group, _, name = missing.rpartition("/")
+    if not group:
+        return f"{missing} is not a config in conf/; check the spelling"
+    choices = [o for o in options if o != GROUP_SCHEMA_NAME]  # the schema is not a choice
+    hint = _did_you_mean(name, choices, show=f"{group}={{}}")
+    head = f"{group}={name} is not an option of {group} (there is no {missing}.yaml)"
+    if hint:
+        return f"{head}{hint} (options: {', '.join(choices)})"
+    return f"{head}; the options of {group} are {', '.join(choices) or '(none)'}"
+
+
+def _unparsable_message(e: OverrideParseException) -> str:
+    lines = [ln for ln in str(e.message).splitlines() if ln.strip()]
+    why = [ln for ln in lines if not ln.startswith(("Error parsing override", "See "))]
+    return (
+        f"the override {e.override!r} cannot be parsed ({_one_line(' '.join(why)) or 'bad syntax'}); "
+        "write key=value, group=option, +key=value or ~key (Hydra's override grammar)"
+    )
+
+
+def _groups() -> list[str]:
+    """Config groups under conf/ (experiment, model, moe, ...): also legal top-level names."""
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
 def _valid_keys(path: str) -> list[str]:
