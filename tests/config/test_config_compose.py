@@ -155,10 +155,10 @@ def test_no_process_group_is_needed(monkeypatch):
 @pytest.mark.parametrize(
     "overrides,expect",
     [
-        (["model.nonexistent=1"], ["model.nonexistent is not a config key", "of model", "d_model"]),
-        (["+model.nonexistent=1"], ["model.nonexistent is not a config key", "d_model"]),
-        (["nonexistent=1"], ["nonexistent is not a config key", "of the root are model, moe"]),
-        (["+train.stepz=3"], ["train.stepz is not a config key", "steps"]),
+        (["model.nonexistent=1"], ["model.nonexistent is not a key of model", "d_model"]),
+        (["+model.nonexistent=1"], ["model.nonexistent is not a key of model", "d_model"]),
+        (["nonexistent=1"], ["nonexistent is not a top-level key or config group", "model, moe"]),
+        (["+train.stepz=3"], ["train.stepz is not a key of train; did you mean train.steps?"]),
         (["train.steps=abc"], ["train.steps", "abc"]),
         (["model=huge"], ["model/huge", "small", "tiny"]),
         (["experiment=tinyy"], ["experiment/tinyy", "tiny"]),
