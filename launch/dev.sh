@@ -4,26 +4,71 @@
 #   test   the test suite (what .ci/run calls)
 #   train  the default expert-parallel training run on 2 CPU ranks
 #   bench  the MoE layer benchmark on 2 CPU ranks
-# Extra arguments go to pytest / the trainer.
+#   run    any command inside the venv, e.g. `bash launch/dev.sh run torchrun ...`
+#   status whether the venv is current (exit 0) or what makes it stale (exit 1); installs nothing
+# Extra arguments go to pytest / the trainer / the benchmark / the command.
+#
+# Installing takes seconds even when nothing changed, so it runs only when the venv is
+# missing or stale: its stamp (.venv/.xpar-dev-stamp) holds a hash of pyproject.toml,
+# launch/constraints.txt and the venv's Python version, and torch and this checkout's
+# xpar must be importable. XPAR_REINSTALL=1 installs anyway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${XPAR_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
+STAMP="$VENV/.xpar-dev-stamp"
+cmd=${1:-test}
+shift || true
+if [ ! -x "$VENV/bin/python" ] && [ "$cmd" != status ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
-if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
-  $PIP install -c launch/constraints.txt torch==2.13.0
+
+wanted_stamp() {
+  { cat pyproject.toml launch/constraints.txt; "$VENV/bin/python" -c 'import sys; print(sys.version)'; } \
+    | sha256sum | cut -d' ' -f1
+}
+
+# Why the venv needs installing; empty when it is current.
+stale_reason() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "no venv"
+  elif [ ! -f "$STAMP" ]; then
+    echo "no stamp: never installed by dev.sh"
+  elif [ "$(cat "$STAMP")" != "$(wanted_stamp)" ]; then
+    echo "pyproject.toml, launch/constraints.txt or the Python version changed"
+  # torch and this checkout's xpar are importable (found, not imported: that takes seconds);
+  # -I: the xpar the venv itself finds, not the one in the working directory
+  elif ! XPAR_ROOT="$ROOT" "$VENV/bin/python" -I -c '
+import os, sys
+from importlib.util import find_spec
+xpar = find_spec("xpar")
+want = os.path.join(os.path.realpath(os.environ["XPAR_ROOT"]), "xpar", "__init__.py")
+sys.exit(find_spec("torch") is None or xpar is None or os.path.realpath(xpar.origin) != want)
+' >/dev/null 2>&1; then
+    echo "torch or this checkout's xpar is not importable"
+  fi
+}
+
+reason=$(stale_reason)
+if [ "$cmd" = status ]; then
+  echo "$VENV: ${reason:-current}"
+  [ -z "$reason" ]
+  exit
 fi
-# dev: test tools and linters; slurm, bench: so their tests run rather than skip.
-$PIP install -c launch/constraints.txt -e ".[dev,slurm,bench]"
+if [ "${XPAR_REINSTALL:-0}" = 1 ] || [ -n "$reason" ]; then
+  echo "launch/dev.sh: installing into $VENV (${reason:-XPAR_REINSTALL=1})" >&2
+  if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    $PIP install -c launch/constraints.txt torch==2.13.0
+  fi
+  # dev: test tools and linters; slurm, bench: so their tests run rather than skip.
+  $PIP install -c launch/constraints.txt -e ".[dev,slurm,bench]"
+  wanted_stamp > "$STAMP"
+fi
 # Console scripts of the venv (hadolint, shellcheck, torchrun) without activating it.
 export PATH="$VENV/bin:$PATH"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-cmd=${1:-test}
-shift || true
 case "$cmd" in
   test)
     set +e
@@ -42,8 +87,16 @@ case "$cmd" in
   bench)
     exec "$VENV/bin/torchrun" --standalone --nproc-per-node 2 -m xpar.bench "${@:-moe}"
     ;;
+  run)
+    if [ "$#" -eq 0 ]; then
+      echo "usage: launch/dev.sh run COMMAND [args...]" >&2
+      exit 2
+    fi
+    export VIRTUAL_ENV="$VENV"
+    exec "$@"
+    ;;
   *)
-    echo "usage: launch/dev.sh {test|train|bench} [args...]" >&2
+    echo "usage: launch/dev.sh {test|train|bench|run|status} [args...]" >&2
     exit 2
     ;;
 esac

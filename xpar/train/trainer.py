@@ -38,11 +38,13 @@ from xpar.parallel import deepspeed as ds
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
+from xpar.train import phases
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
 from xpar.train.preempt import PreemptionWatcher
 from xpar.train.rng import rng_state, seed_everything, set_rng_state
 from xpar.train.schedule import make_lr_lambda
+from xpar.train.sinks import warning_log
 
 
 @dataclass
@@ -96,23 +98,42 @@ class Run:
 
 
 def train(cfg: XparConfig) -> TrainResult:
-    t_start = time.perf_counter()
+    # The entry point's timer counts from the process start; called directly, from here.
+    startup = phases.current() or phases.start(time.time())
     with contextlib.ExitStack() as cleanup:
+        cleanup.callback(phases.stop)  # a later run in this process times itself
         run = build_run(cfg, cleanup)
+        # build_run's own marks (data, process group) leave the model and engine here
+        startup.mark("engine" if "process group" in startup.phases else "data+group+engine")
         restore(run)
+        startup.mark("restore")
         open_run(run, cleanup)
+        startup.mark("monitor")
         run.result.val_loss_before = evaluate(run)
         run.monitor.log_val(run.step, run.result.val_loss_before)
         run.monitor.print(f"val loss before: {run.result.val_loss_before:.4f}")
+        startup.mark("eval")
         run.monitor.start(step=run.step, tokens_seen=run.tokens_seen)  # tokens/s from here
         t_loop = time.perf_counter()
         while run.step < cfg.train.steps:
             run.step += 1
             loss, auxes = train_step(run)
+            first = run.step == run.start_step + 1
+            if first:
+                startup.mark("first step")
             log_step(run, loss, auxes)
+            if first:
+                _report_startup(run, startup)
             if not after_step(run):
                 break
-        return finish(run, t_start, t_loop)
+        return finish(run, startup, t_loop)
+
+
+def _report_startup(run: Run, startup: phases.PhaseTimer) -> None:
+    """The start-up phases in one line, and as JSON for the start-up benchmark (rank 0)."""
+    if run.groups.rank == 0:
+        run.monitor.print(startup.line())
+        startup.write(Path(run.cfg.train.out_dir) / phases.STARTUP_FILE)
 
 
 # --------------------------------------------------------------------------- build
@@ -398,8 +419,9 @@ def evaluate(run: Run) -> float:
 # --------------------------------------------------------------------------- finish
 
 
-def finish(run: Run, t_start: float, t_loop: float) -> TrainResult:
-    """Final evaluation (unless stopped by a signal), summary lines, W&B closed, requeue."""
+def finish(run: Run, startup: phases.PhaseTimer, t_loop: float) -> TrainResult:
+    """Final evaluation (unless stopped by a signal), summary lines, W&B closed, the run's
+    warnings again (they came at start-up and scrolled away), requeue."""
     res, mon, world = run.result, run.monitor, run.groups.world_size
     res.step = run.step
     elapsed = time.perf_counter() - t_loop
@@ -411,13 +433,16 @@ def finish(run: Run, t_start: float, t_loop: float) -> TrainResult:
     mon.print(
         f"trained steps {run.start_step + 1}..{run.step} in {elapsed:.1f}s: "
         f"{res.tokens_per_s:,.0f} tokens/s ({res.tokens_per_s / world:,.0f} per rank); "
-        f"total wall time {time.perf_counter() - t_start:.1f}s"
+        f"total wall time {startup.since_start():.1f}s (from {startup.origin})"
     )
     mon.print_summary(checkpoint_dir=res.checkpoint)
     wandb_dir = mon.finish()
     res.wandb_dir = str(wandb_dir) if wandb_dir else None
     if run.groups.rank == 0:
         print(f"metrics: {mon.metrics_path}", flush=True)
+    log = warning_log.active()
+    if log is not None:
+        mon.print_warnings(log.lines(), warning_log.PREFIX)
     run.watcher.requeue_if_slurm()
     run.watcher.uninstall()
     res.exit_code = run.watcher.exit_code()

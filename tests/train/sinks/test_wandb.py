@@ -98,3 +98,32 @@ def test_online_without_a_key_falls_back_to_offline(tmp_path, wandb_home):
     assert any("logging offline instead" in w for w in out["warnings"]), out
     assert Path(out["dir"]).name.startswith("offline-run-")
     assert read_offline_run(tmp_path / "run")["history"][0]["x"] == 1.0
+
+
+def test_quiet_keeps_wandbs_own_lines_off_the_console(tmp_path):
+    # a fresh process each: wandb reads WANDB_SILENT (the fixture's) once per process
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from xpar.config.schema import LoggerConfig\n"
+        "from xpar.train.sinks.wandb import WandbSink\n"
+        "quiet = sys.argv[1] == 'quiet'\n"
+        "sink = WandbSink(LoggerConfig(project='p'), run_dir=Path(sys.argv[2]), config={},\n"
+        "                 run_id=None, quiet=quiet)\n"
+        "sink.log({'train/loss': 1.0}, step=1)\n"
+        "sink.finish()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    for mode in ("quiet", "loud"):
+        p = subprocess.run(
+            [sys.executable, "-c", code, mode, str(tmp_path / mode)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert p.returncode == 0, p.stderr
+        text = p.stdout + p.stderr
+        if mode == "quiet":
+            assert "wandb:" not in text, text
+        else:
+            assert "wandb: Run summary:" in text  # what quiet keeps off: banner and summary

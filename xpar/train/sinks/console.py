@@ -15,11 +15,13 @@ from typing import Any, TextIO
 
 __all__ = [
     "ConsoleSink",
+    "config_text",
     "format_config",
     "format_duration",
     "format_summary",
     "format_train_line",
     "format_val_line",
+    "format_warnings",
     "progress_bar",
 ]
 
@@ -114,15 +116,27 @@ def format_summary(
     return "\n".join(lines)
 
 
-def format_config(plain: Any) -> str:
+def config_text(plain: Any) -> str:
     """The resolved config as YAML (JSON for what OmegaConf will not take)."""
     try:
         from omegaconf import OmegaConf
 
-        text = OmegaConf.to_yaml(plain)
+        return OmegaConf.to_yaml(plain)
     except Exception:  # something OmegaConf will not take: JSON is fine too
-        text = json.dumps(plain, indent=2, default=str) + "\n"
-    return "resolved config:\n" + text.rstrip("\n")
+        return json.dumps(plain, indent=2, default=str) + "\n"
+
+
+def format_config(plain: Any) -> str:
+    """The resolved config for the console, under a heading."""
+    return "resolved config:\n" + config_text(plain).rstrip("\n")
+
+
+def format_warnings(lines: list[str], prefix: str) -> str:
+    """The run's warnings again, at the end where they do not scroll away."""
+    head = (
+        f"{len(lines)} warning{'s' if len(lines) != 1 else ''} in this run (repeated from above):"
+    )
+    return "\n".join([head, *(prefix + line for line in lines)])
 
 
 class ConsoleSink:

@@ -24,7 +24,13 @@ class WandbSink:
     """An open W&B run. Build it on rank 0 only, with a config already redacted."""
 
     def __init__(
-        self, cfg: LoggerConfig, *, run_dir: Path, config: Mapping[str, Any], run_id: str | None
+        self,
+        cfg: LoggerConfig,
+        *,
+        run_dir: Path,
+        config: Mapping[str, Any],
+        run_id: str | None,
+        quiet: bool = False,
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         kwargs = dict(
@@ -37,7 +43,7 @@ class WandbSink:
             config=dict(config),
             reinit="create_new",  # our own handle, no global run to clobber
         )
-        self._run: Any = _init(cfg.wandb_mode, kwargs)
+        self._run: Any = _init(cfg.wandb_mode, kwargs, quiet)
         self.run_id: str = self._run.id
         self.dir = Path(self._run.settings.sync_dir)
         self.url: str | None = (
@@ -71,9 +77,11 @@ class WandbSink:
             warnings.warn(f"W&B run file {sync_file} still incomplete after 60s", stacklevel=3)
 
 
-def _init(mode: str, kwargs: dict[str, Any]) -> Any:
+def _init(mode: str, kwargs: dict[str, Any], quiet: bool) -> Any:
     import wandb
 
+    if quiet:
+        kwargs = {**kwargs, "settings": wandb.Settings(silent=True)}
     try:
         return wandb.init(mode=mode, **kwargs)
     except Exception as exc:  # no network / no key: keep training, log offline
