@@ -5,17 +5,17 @@
   into a fresh engine restores params, optimizer state, LR, counters exactly and
   training continues identically; the rank file keeps the format of tests/fixtures/ckpt_v1.
 - trainer (slow, 2 ranks): the committed ckpt_v1 checkpoint (from before the guard
-  recorded the tokenizer) resumes with a changed hyperparameter after one warning line,
-  and is refused, naming the parameters, when the shapes change.
+  recorded the tokenizer and the training config) refuses a changed hyperparameter unless
+  train.resume=force (then one warning line), and is refused, naming the parameters, when
+  the shapes change, force or not.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -112,14 +112,62 @@ def test_old_client_state_without_the_new_fields_is_judged_by_its_shapes():
     assert ckpt.check_resumable("ck", saved, saved, _fixture_run(), now) == []
 
 
-def test_changed_hyperparameters_that_keep_the_shapes_are_reported_not_refused():
+def test_changed_hyperparameters_that_keep_the_shapes_are_refused_unless_forced():
     saved = _fixture_module_state()
     now = _now_run(moe__aux_loss_weight=0.0, moe__capacity_factor=2.0, model__init_std=0.01)
-    assert ckpt.check_resumable("ck", saved, saved, _fixture_run(), now) == [
+    changes = [
         "model.init_std: checkpoint 0.02, now 0.01",
         "moe.aux_loss_weight: checkpoint 0.01, now 0.0",
         "moe.capacity_factor: checkpoint 1.25, now 2.0",
     ]
+    with pytest.raises(XparConfigError) as e:
+        ckpt.check_resumable("ck", saved, saved, _fixture_run(), now)
+    msg = str(e.value)
+    assert msg.startswith("train.resume: the checkpoint ck was written with a different config: ")
+    assert "; ".join(changes) in msg and "set train.resume=force" in msg
+    assert "train.out_dir" in msg
+    assert ckpt.check_resumable("ck", saved, saved, _fixture_run(), now, force=True) == changes
+
+
+def _training(**changes) -> dict:
+    run = {
+        "data": {"files": ["a.txt"], "seq_len": 64, "cache_dir": "/c", "tokenizer": "byte"},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "parallel": {"zero_stage": 1, "timeout_s": 600},
+        "train": {"steps": 6, "seed": 0, "out_dir": "a", "eval_every": 3, "ckpt_every": 3},
+    }
+    for key, value in changes.items():
+        group, name = key.split("__")
+        run[group][name] = value
+    return {"training": run}
+
+
+def test_the_training_config_is_compared_except_what_may_differ():
+    state = {"w": torch.zeros(2)}
+    saved = _training()
+    may_differ = _training(
+        train__steps=60,
+        train__out_dir="b",
+        train__eval_every=1,
+        train__ckpt_every=1,
+        parallel__timeout_s=60,
+        data__cache_dir="/elsewhere",
+        data__tokenizer="/moved/byte",  # its content is compared instead
+    )
+    assert ckpt.check_resumable("ck", state, state, saved, may_differ) == []
+    differs = _training(
+        data__files=["b.txt"], optim__lr=1e-3, train__seed=1, parallel__zero_stage=2
+    )
+    assert ckpt.check_resumable("ck", state, state, saved, differs, force=True) == [
+        "data.files: checkpoint ['a.txt'], now ['b.txt']",
+        "optim.lr: checkpoint 0.003, now 0.001",
+        "parallel.zero_stage: checkpoint 1, now 2",
+        "train.seed: checkpoint 0, now 1",
+    ]
+    # a field the checkpoint did not record (added to the config since) is no difference
+    added = _training()
+    added["training"]["optim"]["new_knob"] = 1
+    assert ckpt.check_resumable("ck", state, state, saved, added) == []
 
 
 def test_changed_shapes_are_refused_naming_parameters_fields_and_fix():
@@ -127,14 +175,14 @@ def test_changed_shapes_are_refused_naming_parameters_fields_and_fix():
     now = {k: v for k, v in saved.items() if k != "norm.weight"}
     now["blocks.0.ffn.experts.w1"] = torch.zeros(2, 32, 16)
     now["blocks.9.extra"] = torch.zeros(3)
-    with pytest.raises(XparConfigError) as e:
-        ckpt.check_resumable("ck", saved, now, _fixture_run(), _now_run(moe__d_ff=16))
+    with pytest.raises(XparConfigError) as e:  # force or not
+        ckpt.check_resumable("ck", saved, now, _fixture_run(), _now_run(moe__d_ff=16), force=True)
     msg = str(e.value)
     assert "written by a different model (moe.d_ff: checkpoint 32, now 16)" in msg
     assert "blocks.0.ffn.experts.w1 saved [2, 32, 32], now [2, 32, 16]" in msg
     assert "blocks.9.extra saved absent, now [3]" in msg
     assert "norm.weight saved [32], now absent" in msg
-    assert "train.out_dir" in msg and "train.resume=never" in msg
+    assert "train.out_dir" in msg and "train.resume=never train.overwrite=true" in msg
 
 
 def test_a_deep_model_names_a_few_parameters_and_counts_the_rest():
@@ -146,14 +194,12 @@ def test_a_deep_model_names_a_few_parameters_and_counts_the_rest():
         ckpt.check_resumable("ck", saved, now, None, None)
 
 
-def test_another_tokenizer_is_refused_a_moved_one_is_reported():
+def test_another_tokenizer_is_refused_a_moved_one_is_not_a_difference():
     state = {"tok_emb.weight": torch.zeros(320, 8)}
     saved = _now_run()
     moved = _now_run()
-    moved["tokenizer"]["spec"] = "/elsewhere/byte"
-    assert ckpt.check_resumable("ck", state, state, saved, moved) == [
-        "data.tokenizer: checkpoint 'byte', now '/elsewhere/byte'"
-    ]
+    moved["tokenizer"]["spec"] = "/elsewhere/byte"  # the same content (fingerprint)
+    assert ckpt.check_resumable("ck", state, state, saved, moved) == []
     other = _now_run()
     other["tokenizer"].update(spec="/tok", fingerprint="hf-123", vocab_size=300)
     with pytest.raises(XparConfigError) as e:  # same padded embedding, other token ids
@@ -169,9 +215,12 @@ def test_run_record_is_what_client_state_records():
     from xpar.data.tokenizer import ByteTokenizer
 
     cfg = compose_config(["experiment=tiny"], world_size=1, cuda_available=False)
-    rec = ckpt.run_record(cfg.model, cfg.moe, ByteTokenizer(), cfg.data.tokenizer)
-    assert sorted(rec) == ["model", "tokenizer"] and sorted(rec["model"]) == ["model", "moe"]
+    rec = ckpt.run_record(cfg, cfg.model, ByteTokenizer())
+    assert sorted(rec) == ["model", "tokenizer", "training"]
+    assert sorted(rec["model"]) == ["model", "moe"]
+    assert sorted(rec["training"]) == ["data", "optim", "parallel", "train"]
     assert rec["model"]["moe"]["d_ff"] == 64
+    assert rec["training"]["train"]["steps"] == 6 and rec["training"]["optim"]["lr"] == 3e-3
     assert rec["tokenizer"] == {"spec": "byte", "fingerprint": "byte-v1", "vocab_size": 257}
     assert json.loads(json.dumps(rec)) == rec
 
@@ -236,16 +285,23 @@ def _round_trip(rank, groups, stage, d):
 
 
 def _guarded_load(rank, groups, d):
-    """load(run=...) against a client_state.json: one warning line on rank 0, then resumes."""
+    """load(run=...) against a client_state.json: refused on every rank; with force, one
+    warning on rank 0, then it resumes."""
     rec = {"model": {"model": {"d_model": 8}, "moe": {"aux_loss_weight": 0.01}}}
     if rank == 0:
         ckpt.write_client_state(d, {"step": 2, **rec})
     dist.barrier()
     now = {"model": {"model": {"d_model": 8}, "moe": {"aux_loss_weight": 0.0, "new": 1}}}
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        ckpt.load(build_engine(groups, 1, 1, seed=1), d, run=now)
-    return err.getvalue()
+    engine = build_engine(groups, 1, 1, seed=1)
+    try:
+        ckpt.load(engine, d, run=now)
+        refused = None
+    except XparConfigError as e:
+        refused = str(e)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ckpt.load(engine, d, run=now, force=True)
+    return refused, [str(w.message) for w in seen]
 
 
 def _checkpoint_part(rank, world, groups, grad_accum, root):
@@ -314,11 +370,13 @@ def test_checkpoint_files_and_layout_mismatch(world4, ckpt_root):
         assert out["mismatch"] is not None and "parallel.zero_stage" in out["mismatch"]
 
 
-def test_load_warns_once_about_changed_hyperparameters(world4):
-    warnings = [out["warning"] for out in part(world4, "checkpoint")]
-    assert warnings[1:] == ["", "", ""]
-    (line,) = warnings[0].splitlines()
-    assert line.startswith("xpar: warning: resuming ") and "zero1" in line
+def test_load_refuses_changed_hyperparameters_and_force_warns_once(world4):
+    outs = [out["warning"] for out in part(world4, "checkpoint")]
+    for refused, _ in outs:  # on every rank, before any collective
+        assert "different config: moe.aux_loss_weight: checkpoint 0.01, now 0.0" in refused
+    assert [seen for _, seen in outs[1:]] == [[], [], []]
+    (line,) = outs[0][1]
+    assert line.startswith("train.resume=force: resuming ") and "zero1" in line
     assert "(moe.aux_loss_weight: checkpoint 0.01, now 0.0)" in line
 
 
@@ -334,21 +392,27 @@ def _resume_fixture(tmp_path, *overrides, check=True):
 
 
 @pytest.mark.slow
-def test_old_checkpoint_resumes_with_a_changed_hyperparameter_after_one_warning(tmp_path):
-    out, p = _resume_fixture(tmp_path, "moe.aux_loss_weight=0.0")
+def test_old_checkpoint_refuses_a_changed_hyperparameter_unless_forced(tmp_path):
+    out, p = _resume_fixture(tmp_path, "moe.aux_loss_weight=0.0", check=False)
+    assert p.returncode != 0
+    assert "different config: moe.aux_loss_weight: checkpoint 0.01, now 0.0" in p.stderr
+    assert not (out / "metrics.jsonl").exists() or not golden.losses(out)
+    shutil.rmtree(out)
+    out, p = _resume_fixture(tmp_path, "moe.aux_loss_weight=0.0", "train.resume=force")
     assert "at step 2" in p.stdout
-    lines = [x for x in p.stderr.splitlines() if x.startswith("xpar: warning: resuming")]
+    lines = [x for x in p.stderr.splitlines() if "train.resume=force: resuming" in x]
     assert len(lines) == 1, p.stderr[-3000:]
-    assert "moe.aux_loss_weight: checkpoint 0.01, now 0.0" in lines[0]
+    assert "(moe.aux_loss_weight: checkpoint 0.01, now 0.0)" in lines[0]
     assert sorted(golden.losses(out)) == [3]
-    # from now on the tokenizer is recorded too
+    # from now on the tokenizer, the training config and the schedule's length are recorded
     shared = ckpt.read_client_state(out / "checkpoints" / "step_00000003")
     assert shared["tokenizer"] == {"spec": "byte", "fingerprint": "byte-v1", "vocab_size": 257}
+    assert shared["training"]["optim"]["lr"] == 3e-3 and shared["schedule_steps"] == 3
 
 
 @pytest.mark.slow
 def test_old_checkpoint_with_other_shapes_is_refused_naming_the_parameters(tmp_path):
-    out, p = _resume_fixture(tmp_path, "moe.d_ff=16", check=False)
+    out, p = _resume_fixture(tmp_path, "moe.d_ff=16", "train.resume=force", check=False)
     assert p.returncode != 0, p.stderr[-3000:]  # torchrun: 1 when a rank fails
     assert "different model (moe.d_ff: checkpoint 32, now 16)" in p.stderr
     assert "blocks.0.ffn.experts.w1 saved [2, 32, 32], now [2, 32, 16]" in p.stderr

@@ -1,7 +1,8 @@
 """PreemptionWatcher on real gloo ranks with real signals.
 
-One rank (or a peer, or the batch script's flag file) raises the alarm; every
-rank must stop at the same step and only the warning signal may requeue.
+One rank (or a peer, or the batch script's flag file, or its clock past
+train.max_time_s) raises the alarm; every rank must stop at the same step and only
+the warning signal may requeue.
 """
 
 import json
@@ -66,6 +67,21 @@ def _flag_file(rank, world, flag, at_step):
         return _loop(w, rank, on_step), w.stopped_by.name if w.stopped_by else None
 
 
+def _time_limit(rank, world, late_rank, limit_s):
+    """Step s happens at second s; only late_rank's limit falls inside the loop."""
+    now = [0.0]
+    with PreemptionWatcher(clock=lambda: now[0]) as w:
+        w.limit_time(limit_s if rank == late_rank else 1000.0)
+        stop = None
+        for step in range(STEPS):
+            now[0] = float(step)
+            if w.should_stop(step):
+                stop = step
+                break
+        name = w.stopped_by.name if w.stopped_by else None
+        return stop, w.out_of_time, name, w.wants_requeue(), w.exit_code(), w.elapsed()
+
+
 def _scenarios(rank, world, flag):
     """All multi-rank cases in one set of processes: spawning ranks costs seconds each."""
     return {
@@ -75,6 +91,7 @@ def _scenarios(rank, world, flag):
         "term": _self_signal(rank, world, 1, "TERM", 7, 1),
         "peer": _peer_signal(rank, world),
         "flag": _flag_file(rank, world, flag, 6),
+        "time": _time_limit(rank, world, world - 1, 9.5),
     }
 
 
@@ -111,6 +128,23 @@ def test_signal_from_another_process(results):
 
 def test_flag_file_counts_as_warning_signal(results):
     assert per_rank(results, "flag") == [(6, "SIGUSR1")] * 2
+
+
+def test_time_limit_on_one_rank_stops_all_at_the_same_step_without_requeue(results):
+    # the late rank is past 9.5 s at step 10; its peer's clock says nothing, it stops too
+    stops = per_rank(results, "time")
+    assert [r[:5] for r in stops] == [(10, True, None, False, 0)] * 2
+    assert [r[5] for r in stops] == [10.0, 10.0]
+
+
+def test_no_time_limit_by_default_or_with_zero(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    now = [0.0]
+    with PreemptionWatcher(clock=lambda: now[0]) as w:
+        w.limit_time(0)  # train.max_time_s=0: no limit
+        now[0] = 1e9
+        assert _loop(w, 0, lambda step: None) is None
+        assert not w.out_of_time and w.exit_code() == 0 and not w.requeue_if_slurm()
 
 
 def test_no_signal_runs_to_the_end_without_requeue(monkeypatch):

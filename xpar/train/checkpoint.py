@@ -4,7 +4,8 @@
       step_00000006/   rank<NNNNN>.pt (every rank: module incl. its experts, optimizer,
                        LR scheduler, engine counters, this rank's client state),
                        xpar_parallel.json (rank 0: the layout, library versions),
-                       client_state.json (rank 0: step, data position, run record)
+                       client_state.json (rank 0: step, data position, LR schedule
+                       length, run record)
       latest           "step_00000006": replaced (write, fsync, rename) only after
                        every rank finished writing that step
 
@@ -12,10 +13,17 @@ A crash at any point leaves `latest` naming a complete checkpoint (or absent). E
 file goes through the one atomic writer, so no reader ever sees half a file.
 
 Resume guard: a checkpoint resumes when its weights fit this model (parameter names and
-shapes) and it was trained with the same tokenizer; a changed hyperparameter that
-leaves the shapes alone (moe.aux_loss_weight, model.init_std, ...) is reported in one
-warning line and the run resumes. The deepspeed-specific parts of a rank file (ZeRO
-optimizer state, the classes torch.load must allow) are the engine adapter's.
+shapes; refused otherwise, even with train.resume=force), it was trained with the same
+tokenizer (its content), and this run's config is the one it recorded in everything but
+MAY_DIFFER (the step count, where the run lives, how often it evaluates and saves, the
+logger). Any other difference is listed (field, checkpoint value, now value) and refused
+unless train.resume=force, which resumes with one warning line. A field the checkpoint
+did not record (added to the config since) is not a difference. The deepspeed-specific
+parts of a rank file (ZeRO optimizer state, the classes torch.load must allow) are the
+engine adapter's.
+
+`load_weights` is train.init_from: the module weights of a checkpoint, into a model that
+has no engine yet (the engine's optimizer then starts from them).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import json
 import os
 import secrets
 import shutil
-import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +41,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from xpar.config.store import XparConfigWarning
 from xpar.errors import XparConfigError
+from xpar.redact import redact, to_plain
 
 if TYPE_CHECKING:
     from xpar.parallel.deepspeed import XparEngine
@@ -43,7 +53,8 @@ LATEST = "latest"
 CLIENT_STATE = "client_state.json"
 LAYOUT_FILE = "xpar_parallel.json"
 _FIX = (
-    "set train.out_dir to a new directory (or logger.run_name), or train.resume=never to start over"
+    "set train.out_dir to a new directory (or logger.run_name), or train.resume=never "
+    "train.overwrite=true to start over"
 )
 _MAX_NAMED = 6  # parameters named in a refusal; a deep model would list hundreds
 
@@ -163,25 +174,29 @@ def save(engine: XparEngine, directory: str | Path, client_state: dict | None = 
     dist.barrier()
 
 
-def load(engine: XparEngine, directory: str | Path, run: Mapping | None = None) -> dict:
+def load(
+    engine: XparEngine, directory: str | Path, run: Mapping | None = None, *, force: bool = False
+) -> dict:
     """Collective: restore what `save` wrote into this engine; returns this rank's client_state.
 
     The engine must be built like the one that saved (world size, ep_size, ZeRO stage,
     precision; else XparConfigError) with a model the weights fit (see check_resumable).
-    `run` is this run's `run_record(...)`, compared with the one in client_state.json.
+    `run` is this run's `run_record(...)`, compared with the one in client_state.json: a
+    difference is refused unless `force` (train.resume=force), which warns once on rank 0.
     """
     directory = Path(directory)
     state = _read_rank_file(engine, directory)
     saved_run = read_client_state(directory) if run is not None else None
     changed = check_resumable(
-        directory, state["module"], engine.module.state_dict(), saved_run, run
+        directory, state["module"], engine.module.state_dict(), saved_run, run, force=force
     )
     if changed and engine.groups.rank == 0:
-        print(
-            f"xpar: warning: resuming {directory} with changed hyperparameters "
-            f"({'; '.join(changed)}); the weights fit this model, training continues from them",
-            file=sys.stderr,
-            flush=True,
+        warnings.warn(
+            f"train.resume=force: resuming {directory} with a config that differs from the "
+            f"checkpoint's ({'; '.join(changed)}); the weights fit this model, training "
+            "continues from them under this config",
+            XparConfigWarning,
+            stacklevel=2,
         )
     try:
         engine.load_state_dict(state)
@@ -189,6 +204,42 @@ def load(engine: XparEngine, directory: str | Path, run: Mapping | None = None) 
         raise XparConfigError(f"train.resume={str(directory)!r}: {e}") from e
     dist.barrier()
     return state["client_state"]
+
+
+def load_weights(model: Any, directory: str | Path, groups: Any, run: Mapping | None) -> dict:
+    """train.init_from: copy a checkpoint's module weights into `model`; returns its client state.
+
+    Call before the engine is built, so the optimizer (and ZeRO's fp32 master copy) starts
+    from these weights. A rank file holds the dense weights and one slice of the experts,
+    so this rank reads the file of the rank that held its slice (`groups.ep_rank`): the
+    world size may differ from the checkpoint's, its expert-parallel size may not. Refused
+    when the weights do not fit or the tokenizer differs; other config changes are the point
+    of a new run and are not compared.
+    """
+    from xpar.parallel.deepspeed import XparEngine  # the classes a rank file may hold
+
+    directory, where = Path(directory), f"train.init_from={str(directory)!r}"
+    path = rank_file(directory, groups.ep_rank)
+    if not path.is_file():
+        raise XparConfigError(
+            f"{where}: no checkpoint file {path.name} (the experts of EP rank {groups.ep_rank}); "
+            "name a complete checkpoint written with this run's parallel.ep_size"
+        )
+    with torch.serialization.safe_globals(XparEngine.safe_globals()):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    saved_ep = state["layout"]["ep_size"]
+    if saved_ep != groups.ep_size:
+        raise XparConfigError(
+            f"{where} was saved with ep_size={saved_ep} but this run has ep_size="
+            f"{groups.ep_size}: every rank file holds its own slice of the experts; set "
+            f"parallel.ep_size={saved_ep} (and a world size it divides)"
+        )
+    saved_run = read_client_state(directory)
+    check_resumable(
+        directory, state["module"], model.state_dict(), saved_run, run, force=True, what=where
+    )
+    model.load_state_dict(state["module"])
+    return saved_run
 
 
 def _read_rank_file(engine: XparEngine, directory: Path) -> dict:
@@ -213,21 +264,53 @@ def _read_rank_file(engine: XparEngine, directory: Path) -> dict:
 
 # --------------------------------------------------------------------------- resume guard
 
+# Config groups recorded under "training" (model and moe are under "model", with the
+# resolved vocab size); logger.* is not recorded: it never changes what is trained.
+TRAINING_GROUPS = ("data", "optim", "parallel", "train")
 
-def run_record(model_cfg: Any, moe_cfg: Any, tokenizer: Any, tokenizer_spec: str) -> dict:
-    """What client_state.json records about the weights: the configs that built them, the tokenizer.
+# What a resume may change without train.resume=force, and why it cannot matter.
+MAY_DIFFER = frozenset(
+    {
+        "train.steps",  # where to stop (the LR schedule keeps the checkpoint's length)
+        "train.resume",  # how to start, not what to train
+        "train.overwrite",
+        "train.init_from",  # a resumed run's weights come from its checkpoint
+        "train.noop_ok",
+        "train.out_dir",  # a moved or copied run
+        "train.eval_every",  # evaluation and saving only measure and keep the run
+        "train.eval_batches",
+        "train.ckpt_every",
+        "train.keep_checkpoints",
+        "train.max_time_s",  # a budget for this invocation
+        "train.print_config",  # the console
+        "train.verbose",
+        "parallel.timeout_s",  # how long a collective may wait
+        "data.cache_dir",  # where the token cache lives, not what it holds
+        "data.tokenizer",  # its path; its content is compared (the fingerprint)
+    }
+)
 
-    `tokenizer` is the built one (its vocab_size and content fingerprint), `tokenizer_spec`
-    the `data.tokenizer` value that named it.
+
+def run_record(cfg: Any, model_cfg: Any, tokenizer: Any) -> dict:
+    """What client_state.json records about the run: the configs that built the weights
+    (model with the resolved vocab size, moe), the rest that shapes training (data, optim,
+    parallel, train: all of it; MAY_DIFFER is applied when comparing), the tokenizer.
+
+    `cfg` is the XparConfig, `model_cfg` the model config the weights were built with,
+    `tokenizer` the built one (its vocab_size and content fingerprint). Plain JSON values,
+    secrets redacted (xpar.redact).
     """
-    return {
-        "model": {"model": dataclasses.asdict(model_cfg), "moe": dataclasses.asdict(moe_cfg)},
+    plain = redact(to_plain(cfg))
+    rec = {
+        "model": {"model": dataclasses.asdict(model_cfg), "moe": dataclasses.asdict(cfg.moe)},
+        "training": {group: plain[group] for group in TRAINING_GROUPS},
         "tokenizer": {
-            "spec": tokenizer_spec,
+            "spec": cfg.data.tokenizer,
             "fingerprint": tokenizer.fingerprint,
             "vocab_size": tokenizer.vocab_size,
         },
     }
+    return json.loads(json.dumps(rec))  # the values as a reader of the file will see them
 
 
 def check_resumable(
@@ -236,39 +319,58 @@ def check_resumable(
     model_state: Mapping[str, Any],
     saved_run: Mapping | None,
     run: Mapping | None,
+    *,
+    force: bool = False,
+    what: str = "train.resume",
 ) -> list[str]:
-    """Refuse a checkpoint that cannot be loaded into this model; return its changed fields.
+    """Refuse a checkpoint that cannot be loaded into this model, or (unless `force`) one
+    whose recorded config differs; return the differences (accepted by `force`).
 
     Loadable: the same parameter names and shapes (saved module state dict vs this model's)
     and the same tokenizer (content and vocab size; a checkpoint from before the tokenizer
-    was recorded is judged by its embedding shape alone). A config field the checkpoint did
-    not record (added since) is not a change.
+    was recorded is judged by its embedding shape alone). Refused even with `force`. A
+    config field the checkpoint did not record (added since) is not a difference.
     """
     saved_run, run = saved_run or {}, run or {}
     changed = changed_fields(saved_run, run)
     problems = _shape_problems(saved_state, model_state) + _tokenizer_problems(saved_run, run)
     if problems:
-        cause = f" ({'; '.join(changed)})" if changed else ""
+        cause = changed + _tokenizer_moved(saved_run, run)
+        because = f" ({'; '.join(cause)})" if cause else ""
         raise XparConfigError(
-            f"train.resume: the checkpoint {where} was written by a different model{cause} "
+            f"{what}: the checkpoint {where} was written by a different model{because} "
             f"and cannot be loaded into this one: {'; '.join(problems)}; {_FIX}"
+        )
+    if changed and not force:
+        raise XparConfigError(
+            f"{what}: the checkpoint {where} was written with a different config: "
+            f"{'; '.join(changed)}; to continue it under this config set train.resume=force, "
+            f"or {_FIX}"
         )
     return changed
 
 
 def changed_fields(saved_run: Mapping, run: Mapping) -> list[str]:
-    """'<group>.<field>: checkpoint <old>, now <new>' for each recorded field that changed."""
-    saved_cfg, now_cfg = saved_run.get("model", {}), run.get("model", {})
-    out = [
-        f"{group}.{k}: checkpoint {saved_cfg[group][k]!r}, now {v!r}"
-        for group in ("model", "moe")
-        for k, v in now_cfg.get(group, {}).items()
-        if k in saved_cfg.get(group, {}) and saved_cfg[group][k] != v
-    ]
-    saved_tok, now_tok = saved_run.get("tokenizer", {}), run.get("tokenizer", {})
-    if "spec" in saved_tok and "spec" in now_tok and saved_tok["spec"] != now_tok["spec"]:
-        out.append(f"data.tokenizer: checkpoint {saved_tok['spec']!r}, now {now_tok['spec']!r}")
+    """'<group>.<field>: checkpoint <old>, now <new>' for each recorded field that differs,
+    leaving out MAY_DIFFER and fields the checkpoint did not record."""
+    out = []
+    for section in ("model", "training"):
+        saved_cfg, now_cfg = saved_run.get(section, {}), run.get(section, {})
+        for group in sorted(now_cfg):
+            saved_group = saved_cfg.get(group, {})
+            out += [
+                f"{group}.{k}: checkpoint {saved_group[k]!r}, now {v!r}"
+                for k, v in now_cfg[group].items()
+                if k in saved_group and saved_group[k] != v and f"{group}.{k}" not in MAY_DIFFER
+            ]
     return out
+
+
+def _tokenizer_moved(saved_run: Mapping, run: Mapping) -> list[str]:
+    saved, now = saved_run.get("tokenizer", {}), run.get("tokenizer", {})
+    if "spec" in saved and "spec" in now and saved["spec"] != now["spec"]:
+        return [f"data.tokenizer: checkpoint {saved['spec']!r}, now {now['spec']!r}"]
+    return []
 
 
 def _shape_problems(saved_state: Mapping[str, Any], model_state: Mapping[str, Any]) -> list[str]:

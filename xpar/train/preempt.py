@@ -19,6 +19,11 @@ How a preempted Slurm job flows (see launch/slurm.sbatch):
 SIGTERM (scancel, time limit, Slurm's own preempt-requeue) also stops the run
 with a checkpoint, but never requeues: a cancelled job must stay cancelled.
 
+train.max_time_s is the same agreement with a clock instead of a signal:
+``watcher.limit_time(seconds)`` as the loop starts, and the first step at which any
+rank is past the limit is every rank's stop step (the flag travels in the same
+all-reduce). It is the user's own limit: exit 0, never a requeue.
+
 Trainer loop::
 
     watcher = PreemptionWatcher()          # after init_process_group
@@ -40,6 +45,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import torch
@@ -80,6 +86,7 @@ class PreemptionWatcher:
     flag_file: a path whose existence counts as the warning signal (default:
         $XPAR_PREEMPT_FLAG); this is how the batch script forwards USR1.
     handle_sigterm: also stop (without requeue) on SIGTERM.
+    clock: seconds, for limit_time (tests pass their own).
     Signal handlers can only be installed from the main thread.
     """
 
@@ -92,6 +99,7 @@ class PreemptionWatcher:
         flag_file: str | None = None,
         handle_sigterm: bool = True,
         install: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if check_every < 1:
             raise ValueError(f"check_every={check_every} must be >= 1")
@@ -108,6 +116,10 @@ class PreemptionWatcher:
         self._received_at: float | None = None
         self._agreed: signal.Signals | None = None  # signal all ranks agreed to stop on
         self.stop_step: int | None = None
+        self._clock = clock
+        self._started: float | None = None  # limit_time's start
+        self._limit_s = 0.0
+        self.out_of_time = False  # all ranks agreed the time limit was reached
         self._previous: dict[signal.Signals, object] = {}
         self._flag_buf: torch.Tensor | None = None
         if install:
@@ -156,6 +168,18 @@ class PreemptionWatcher:
         """The signal all ranks agreed to stop on, or None."""
         return self._agreed
 
+    # -- the time limit -------------------------------------------------------
+    def limit_time(self, seconds: float) -> None:
+        """Stop once `seconds` have passed from now (0: no limit), agreed like a signal."""
+        self._started, self._limit_s = self._clock(), float(seconds)
+
+    def elapsed(self) -> float:
+        """Seconds since limit_time was called (0 before)."""
+        return 0.0 if self._started is None else self._clock() - self._started
+
+    def _late(self) -> bool:
+        return self._started is not None and self._limit_s > 0 and self.elapsed() >= self._limit_s
+
     # -- agreement ------------------------------------------------------------
     def _distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
@@ -165,16 +189,16 @@ class PreemptionWatcher:
             device = "cpu"
             if dist.get_backend(self.group) == "nccl":
                 device = f"cuda:{torch.cuda.current_device()}"
-            self._flag_buf = torch.zeros(1, dtype=torch.int32, device=device)
+            self._flag_buf = torch.zeros(2, dtype=torch.int32, device=device)
         return self._flag_buf
 
     def should_stop(self, step: int) -> bool:
-        """True on every rank at the same step once any rank got a signal.
+        """True on every rank at the same step once any rank got a signal or ran out of time.
 
         Collective: every rank of the group must call it with the same steps.
         Once True it stays True (without further communication).
         """
-        if self._agreed is not None:
+        if self.stop_step is not None:
             return True
         if step % self.check_every != 0:
             return False
@@ -182,15 +206,18 @@ class PreemptionWatcher:
         # Encode "nothing" as 0 and otherwise the signal number, with SIGTERM
         # mapped above any warning signal so that MAX prefers it.
         code = 0 if local is None else (1000 if local == signal.SIGTERM else int(local))
+        late = int(self._late())
         if self._distributed():
             buf = self._buffer()
-            buf.fill_(code)
+            buf[0], buf[1] = code, late
             dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
-            code = int(buf.item())
-        if code == 0:
+            code, late = int(buf[0].item()), int(buf[1].item())
+        if code == 0 and not late:
             return False
+        self.stop_step, self.out_of_time = step, bool(late)
+        if code == 0:
+            return True  # the trainer names train.max_time_s in its own line
         self._agreed = signal.SIGTERM if code == 1000 else signal.Signals(code)
-        self.stop_step = step
         if self._rank() == 0:
             print(
                 f"[xpar] {self._agreed.name} received: all ranks stop after step {step}",
@@ -207,8 +234,8 @@ class PreemptionWatcher:
         return self._agreed if self._agreed is not None else self.received
 
     def wants_requeue(self) -> bool:
-        """Stopped because of the warning signal (not SIGTERM)."""
-        return self._stop_signal() == self.warning_signal
+        """Stopped because of the warning signal (not SIGTERM, not the time limit)."""
+        return not self.out_of_time and self._stop_signal() == self.warning_signal
 
     def requeue_if_slurm(self) -> bool:
         """Ask Slurm to requeue this job; call after the checkpoint is saved.
@@ -250,7 +277,7 @@ class PreemptionWatcher:
     def exit_code(self) -> int:
         """Exit status for the trainer process.
 
-        0 when the run was not stopped by a signal. When it was: 0 under
+        0 when the run was not stopped by a signal (a time limit is not one). When it was: 0 under
         torchrun, because torchrun reads any other status as a crash (it would
         restart the workers or print a failure); EXIT_PREEMPTED (75) when the
         process talks to the scheduler directly (srun, submitit).

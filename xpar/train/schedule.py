@@ -2,6 +2,12 @@
 
 The adapter wraps it in a LambdaLR that the engine steps and the checkpoint saves, so a
 resumed run computes exactly the lr the uninterrupted run would have.
+
+On resume the schedule's length is the checkpoint's (`schedule_steps` in client_state.json),
+not train.steps: a run extended past it holds optim.min_lr (the floor every decay ends on)
+instead of re-stretching the curve, which would jump the lr back up mid-run; a run stopped
+short of it ends on the saved curve. `resume_note` is the one line that says so. To decay
+over a longer run, start one (train.init_from=<checkpoint> keeps the weights).
 """
 
 from __future__ import annotations
@@ -53,3 +59,16 @@ def _lr_multiplier(
     if schedule == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
     return floor + (1 - floor) * (1 - t)
+
+
+def resume_note(*, schedule: str, saved_steps: int, steps: int, min_lr: float) -> str | None:
+    """The line a resume prints when train.steps differs from the saved schedule's length."""
+    if steps == saved_steps or schedule == "constant":
+        return None  # a constant schedule does not depend on its length
+    kept = (
+        f"optim.schedule={schedule} keeps the checkpoint's length of {saved_steps} steps "
+        f"(train.steps={steps} does not re-stretch it)"
+    )
+    if steps > saved_steps:
+        return f"{kept}: steps {saved_steps + 1}..{steps} hold optim.min_lr={min_lr:g}"
+    return f"{kept}: the run ends at step {steps}, before the schedule reaches optim.min_lr"

@@ -2,11 +2,12 @@
 
 train(cfg) -> TrainResult, on every rank, is an outline of named steps:
 
+    plan the start  resume, init_from or fresh (xpar.train.resume); a finished run stops here
     build the run   seeds, data (before any process group), groups, model, engine
-    restore         the newest complete checkpoint, or an explicit one
+    restore         the checkpoint the plan found, if any
     open            monitor (console, W&B, metrics.jsonl) and the preemption watcher
     evaluate        validation loss before training
-    loop            step -> log -> evaluate -> save -> stop on a scheduler signal
+    loop            step -> log -> evaluate -> save -> stop on a signal or train.max_time_s
     finish          final evaluation, summary, requeue if preempted
 
 Whatever happens, the cleanup registered while building (W&B, signal handlers, the
@@ -38,7 +39,7 @@ from xpar.parallel import deepspeed as ds
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
-from xpar.train import phases
+from xpar.train import phases, resume
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
 from xpar.train.preempt import PreemptionWatcher
@@ -70,8 +71,9 @@ class Run:
     engine: ds.XparEngine
     precision: str
     ckpt_root: Path
-    record: dict  # what the checkpoint records about the weights (resume guard)
+    record: dict  # what the checkpoint records about the run (resume guard)
     faults: FaultHooks
+    start: resume.Start  # resume, init_from or fresh; the LR schedule's length
     monitor: Monitor | None = None
     watcher: PreemptionWatcher | None = None
     val_batches: list = field(default_factory=list)
@@ -102,7 +104,13 @@ def train(cfg: XparConfig) -> TrainResult:
     startup = phases.current() or phases.start(time.time())
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(phases.stop)  # a later run in this process times itself
-        run = build_run(cfg, cleanup)
+        start = resume.plan_start(cfg)  # before any process group: the same on every rank
+        if start.finished:  # a finished run: nothing is built or written
+            resume.say_finished(start)
+            return TrainResult(
+                step=start.step, checkpoint=str(start.resume), exit_code=start.exit_code
+            )
+        run = build_run(cfg, cleanup, start)
         # build_run's own marks (data, process group) leave the model and engine here
         startup.mark("engine" if "process group" in startup.phases else "data+group+engine")
         restore(run)
@@ -115,6 +123,7 @@ def train(cfg: XparConfig) -> TrainResult:
         startup.mark("eval")
         run.monitor.start(step=run.step, tokens_seen=run.tokens_seen)  # tokens/s from here
         t_loop = time.perf_counter()
+        run.watcher.limit_time(cfg.train.max_time_s)  # train.max_time_s counts from here
         while run.step < cfg.train.steps:
             run.step += 1
             loss, auxes = train_step(run)
@@ -139,7 +148,7 @@ def _report_startup(run: Run, startup: phases.PhaseTimer) -> None:
 # --------------------------------------------------------------------------- build
 
 
-def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack) -> Run:
+def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Start) -> Run:
     tc = cfg.train
     # DeepSpeed 0.19 calls a collective torch deprecated; it says nothing the user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
@@ -150,23 +159,35 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack) -> Run:
     vocab = cfg.model.vocab_size or _padded_vocab(data.tokenizer.vocab_size)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     groups = _init_groups(cfg, cleanup)
+    resume.clear_old_run(start, groups.rank)  # train.overwrite=true: before anyone writes
     ckpt_root = Path(tc.out_dir).resolve() / "checkpoints"
     if groups.rank == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
     # Same seed on every rank, so dense params agree and experts are sliced consistently.
     torch.manual_seed(tc.seed)
-    model = MoETransformer(model_cfg, cfg.moe, ep_group=groups.ep_group).to(groups.device)
+    model = MoETransformer(model_cfg, cfg.moe, ep_group=groups.ep_group)
+    record = ckpt.run_record(cfg, model_cfg, data.tokenizer)
+    if start.init_from is not None:  # weights only, before the engine copies them
+        source = ckpt.load_weights(model, start.init_from, groups, run=record)
+        if groups.rank == 0:
+            print(
+                f"initialised from {start.init_from} (its step {source['step']}): "
+                "a new run at step 0 with a new optimizer, LR schedule and data order",
+                flush=True,
+            )
+    model = model.to(groups.device)
     precision = resolve_precision(cfg.parallel.precision)
     return Run(
         cfg=cfg,
         model_cfg=model_cfg,
         data=data,
         groups=groups,
-        engine=_build_engine(cfg, model, groups, precision),
+        engine=_build_engine(cfg, model, groups, precision, start.schedule_steps),
         precision=precision,
         ckpt_root=ckpt_root,
-        record=ckpt.run_record(model_cfg, cfg.moe, data.tokenizer, cfg.data.tokenizer),
+        record=record,
         faults=FaultHooks.from_env(),
+        start=start,
     )
 
 
@@ -195,7 +216,9 @@ def _init_groups(cfg: XparConfig, cleanup: contextlib.ExitStack) -> ParallelGrou
     return groups
 
 
-def _build_engine(cfg: XparConfig, model, groups: ParallelGroups, precision: str) -> ds.XparEngine:
+def _build_engine(
+    cfg: XparConfig, model, groups: ParallelGroups, precision: str, schedule_steps: int
+) -> ds.XparEngine:
     tc, o = cfg.train, cfg.optim
     ds_config = build_ds_config(
         zero_stage=cfg.parallel.zero_stage,
@@ -211,7 +234,7 @@ def _build_engine(cfg: XparConfig, model, groups: ParallelGroups, precision: str
         lr=o.lr,
         min_lr=o.min_lr,
         warmup_steps=o.warmup_steps,
-        total_steps=tc.steps,
+        total_steps=schedule_steps,  # a resume keeps the checkpoint's (xpar.train.schedule)
     )
     return ds.initialize(
         model,
@@ -234,21 +257,22 @@ def _padded_vocab(n: int, multiple: int = 64) -> int:
 
 
 def restore(run: Run) -> None:
-    """Resume from the newest complete checkpoint (resume=auto) or the one named."""
-    resume = run.cfg.train.resume
-    if resume == "never":
+    """Continue the checkpoint the start plan found (train.resume), if any: weights,
+    optimizer moments, step, data position, RNG, W&B run; hyperparameters from the config."""
+    if run.start.resume is None:
         return
-    run.resume_dir = ckpt.latest(run.ckpt_root) if resume in ("auto", "force") else Path(resume)
-    if run.resume_dir is None:
-        return
+    run.resume_dir = run.start.resume
     shared = ckpt.read_client_state(run.resume_dir)
-    rank_state = ckpt.load(run.engine, run.resume_dir, run=run.record)
+    force = run.cfg.train.resume == "force"
+    with resume.config_hyperparameters(run.engine.raw.lr_scheduler):
+        rank_state = ckpt.load(run.engine, run.resume_dir, run=run.record, force=force)
     run.step = run.start_step = run.last_saved = shared["step"]
     run.tokens_seen = shared["tokens_seen"]
     run.result.step = run.step
     run.data.train.load_state_dict(shared["data"])
     set_rng_state(rank_state["rng"])
     run.wandb_run_id = shared["wandb_run_id"]
+    resume.announce(run.start)  # the plan's notes, once the checkpoint is accepted
 
 
 def open_run(run: Run, cleanup: contextlib.ExitStack) -> None:
@@ -359,7 +383,8 @@ def _moe_layers(auxes: list, device: torch.device) -> list[dict]:
 
 
 def after_step(run: Run) -> bool:
-    """Evaluate and save on their cadence; False when a scheduler signal stops the run."""
+    """Evaluate and save on their cadence; False when a scheduler signal or
+    train.max_time_s stops the run."""
     tc, step = run.cfg.train, run.step
     if step % tc.eval_every == 0 and step < tc.steps:
         run.monitor.log_val(step, evaluate(run))
@@ -370,9 +395,11 @@ def after_step(run: Run) -> bool:
     if step < tc.steps and run.watcher.should_stop(step):
         if run.last_saved != step:
             save(run)
-        run.monitor.print(
-            f"stopping at step {step} on {run.watcher.stopped_by.name}: checkpoint saved"
-        )
+        if run.watcher.stopped_by is not None:
+            why = run.watcher.stopped_by.name
+        else:
+            why = f"train.max_time_s={tc.max_time_s:g} ({run.watcher.elapsed():.1f}s in the loop)"
+        run.monitor.print(f"stopping at step {step} on {why}: checkpoint saved")
         return False
     return True
 
@@ -391,6 +418,7 @@ def save(run: Run) -> None:
                 "data": run.data.train.state_dict(),
                 "wandb_run_id": run.monitor.run_id,
                 "world_size": run.groups.world_size,
+                "schedule_steps": run.start.schedule_steps,
                 **run.record,
             },
         )
