@@ -82,10 +82,18 @@ case "$cmd" in
     exit "$rc"
     ;;
   train)
+    # One line and exit 2 (a bad config) or 4 (nothing to do) before torchrun starts a rank.
+    "$VENV/bin/python" -m xpar.config.check --world-size 2 -- "$@"
     exec "$VENV/bin/torchrun" --standalone --nproc-per-node 2 -m xpar.train "$@"
     ;;
   bench)
-    exec "$VENV/bin/torchrun" --standalone --nproc-per-node 2 -m xpar.bench "${@:-moe}"
+    # moe (the default, also when the first argument is an option such as --rows 1) runs on
+    # 2 ranks; quality and startup start their own processes; --help needs no ranks.
+    case "${1:-moe}" in
+      -h | --help) exec "$VENV/bin/python" -m xpar.bench "$@" ;;
+      moe | -*) exec "$VENV/bin/torchrun" --standalone --nproc-per-node 2 -m xpar.bench "$@" ;;
+      *) exec "$VENV/bin/python" -m xpar.bench "$@" ;;
+    esac
     ;;
   run)
     if [ "$#" -eq 0 ]; then

@@ -209,7 +209,9 @@ def _anywhere(n: int) -> tuple[World, ...]:
 
 def _dev_nproc() -> int:
     text = (REPO / "launch" / "dev.sh").read_text()
-    m = re.search(r"^\s*train\)\s*\n.*--nproc-per-node[ =](\d+) -m xpar\.train", text, re.M)
+    m = re.search(
+        r"^\s*train\)\s*\n(?:.*\n)*?.*--nproc-per-node[ =](\d+) -m xpar\.train", text, re.M
+    )
     assert m, "launch/dev.sh: no `train)` branch running torchrun --nproc-per-node N"
     return int(m.group(1))
 

@@ -86,3 +86,26 @@ def test_another_rank_speaks_only_after_the_grace(monkeypatch, capsys):
         check.exit_config_error(XparConfigError("bad"))
     assert waited == [check.PEER_GRACE_S]
     assert capsys.readouterr().err == "xpar: config error (rank 1): bad\n"
+
+
+def test_the_launcher_check_stops_a_finished_run_and_an_occupied_out_dir(tmp_path):
+    """What the trainer would refuse at its start, the launcher's check refuses before any
+    rank starts: a finished run (exit 4) and resume=never into a run's out_dir (exit 2)."""
+    import shutil
+
+    from tests.fixtures import golden
+
+    out = tmp_path / "out"
+    shutil.copytree(golden.CKPT_FIXTURE, out / "checkpoints")  # a run at step 2
+    base = [*golden.SMALL, *golden.data_overrides(tmp_path / "cache"), f"train.out_dir={out}"]
+
+    def run_check(*extra):
+        cmd = [sys.executable, "-m", "xpar.config.check", "--world-size", "2", "--", *base]
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300)
+
+    done = run_check("train.steps=2")
+    assert done.returncode == 4 and "xpar: nothing to do:" in done.stderr, done.stderr
+    assert run_check("train.steps=2", "train.noop_ok=true").returncode == 0
+    never = run_check("train.steps=3", "train.resume=never")
+    assert never.returncode == 2 and "train.overwrite=true" in never.stderr, never.stderr
+    assert run_check("train.steps=3").returncode == 0

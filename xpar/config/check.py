@@ -7,8 +7,10 @@ size they are about to start. Under torchrun a config error would be one message
 followed by torchrun's ChildFailedError report, and torchrun exits 1 whatever its workers'
 status; checked here it is one line on stderr and exit status 2, and no rank starts.
 
-It composes and validates exactly as the trainer does (xpar.config.store.compose_config) and
-prints nothing when the config is fine (exit 0): warnings are the trainer's to print, once.
+It composes and validates exactly as the trainer does (xpar.config.store.compose_config),
+then plans the start as the trainer will (xpar.train.resume.plan_start: a finished run exits
+4, an out_dir the run may not use exits 2, each with the trainer's one line), and prints
+nothing when all is fine (exit 0): warnings are the trainer's to print, once.
 Arguments that are not overrides (Hydra flags: --cfg, --help, -m, ...) make it step aside,
 exit 0: the trainer handles them.
 
@@ -41,11 +43,30 @@ def is_overrides(args: Sequence[str]) -> bool:
     return not any(a.startswith("-") for a in args)
 
 
-def check(overrides: Sequence[str], world_size: int | None = None) -> None:
+def check(overrides: Sequence[str], world_size: int | None = None):
     """Compose and validate as the trainer would; raise XparConfigError on a mistake."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", XparConfigWarning)
-        compose_config(list(overrides), world_size=world_size)
+        return compose_config(list(overrides), world_size=world_size)
+
+
+def check_start_or_exit(overrides: Sequence[str], world_size: int | None = None) -> None:
+    """In the launcher: the config, then where the run would start (its out_dir's files).
+
+    A finished run (nothing to do) or an out_dir the run may not use ends here with the
+    trainer's own line and exit status, before any rank starts.
+    """
+    if not is_overrides(overrides):
+        return
+    from xpar.train.resume import plan_start, say_finished
+
+    try:
+        start = plan_start(check(overrides, world_size))
+    except XparConfigError as e:
+        exit_config_error(e, rank=0)
+    if start.finished and start.exit_code:
+        say_finished(start)
+        sys.exit(start.exit_code)
 
 
 def check_or_exit(
@@ -112,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "flag among them (--cfg, -m, ...) skips the check",
     )
     args = ap.parse_args(argv)
-    check_or_exit(args.overrides, args.world_size, rank=0)  # the launcher: not one of the ranks
+    check_start_or_exit(args.overrides, args.world_size)  # the launcher: not one of the ranks
 
 
 if __name__ == "__main__":

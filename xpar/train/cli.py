@@ -24,6 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from xpar.config.check import check_or_exit, exit_config_error
 from xpar.config.store import (
     CONFIG_DIR,
     GROUP_SCHEMA_NAME,
@@ -36,8 +37,6 @@ from xpar.errors import XparConfigError
 from xpar.train import phases
 from xpar.train.sinks.quiet import quiet_third_party
 from xpar.train.sinks.warning_log import WarningLog, active
-
-EXIT_CONFIG_ERROR = 2
 
 
 def _world_size() -> int:
@@ -57,9 +56,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         result = train(cfg)
     except XparConfigError as e:
         # Hydra would bury this under a traceback; it is the user's to fix, say it plainly.
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"xpar: config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_CONFIG_ERROR)
+        exit_config_error(e)
     if result.exit_code:
         sys.exit(result.exit_code)
 
@@ -89,6 +86,9 @@ def main() -> None:
     env_from_slurm()  # srun/submitit tasks without torchrun: before WORLD_SIZE is read
     register_configs()
     phases.mark("imports")
+    # Compose and validate before Hydra does: its own message for a mistyped key or option
+    # is several lines per rank and exit 1; ours is one line from rank 0 and exit 2.
+    check_or_exit(sys.argv[1:], _world_size())
     _hydra_main()
 
 

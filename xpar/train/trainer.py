@@ -156,9 +156,11 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(tc.seed)
     data = _build_data(cfg)
+    phases.mark("data")
     vocab = cfg.model.vocab_size or _padded_vocab(data.tokenizer.vocab_size)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     groups = _init_groups(cfg, cleanup)
+    phases.mark("process group")
     resume.clear_old_run(start, groups.rank)  # train.overwrite=true: before anyone writes
     ckpt_root = Path(tc.out_dir).resolve() / "checkpoints"
     if groups.rank == 0:
