@@ -53,9 +53,9 @@ class OptimConfig:
     """Optimizer and learning-rate schedule. min_lr is the floor of cosine/linear decay."""
 
     name: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warmup steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -102,8 +102,8 @@ class ParallelConfig:
     XparConfig, which builds the DeepSpeed config once without a process group).
     """
 
-    ep_size: int = 0
-    zero_stage: int = 1
+    ep_size: int = 0  # expert-parallel group size (0: all ranks)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage: 0, 1 or 2
     backend: str = "gloo"
     precision: str = "fp32"
     deepspeed: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +153,7 @@ class LoggerConfig:
     project: str = "xpar"
     entity: str = ""
     run_name: str = "main"
-    log_every: int = 10
+    log_every: int = 10  # steps between console/W&B lines
     hist_every: int = 50
     progress_bar: str = "auto"
 
@@ -209,17 +209,17 @@ class TrainConfig:
     verbose: let third-party libraries' messages through to the console.
     """
 
-    steps: int = 200
-    micro_batch_size: int = 8
-    grad_accum: int = 1
+    steps: int = 200  # optimizer steps to train to
+    micro_batch_size: int = 8  # sequences per rank per micro step
+    grad_accum: int = 1  # micro steps per optimizer step
     global_batch_size: int = 0
-    eval_every: int = 50
-    eval_batches: int = 8
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
+    eval_every: int = 50  # steps between validation evaluations
+    eval_batches: int = 8  # validation batches per evaluation
+    ckpt_every: int = 100  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
     resume: str = "auto"
-    seed: int = 0
-    out_dir: str = "outputs/main"
+    seed: int = 0  # model init and RNG seed
+    out_dir: str = "outputs/main"  # where checkpoints, metrics.jsonl and W&B go
     deterministic: bool = True
     max_time_s: float = 0.0
     overwrite: bool = False

@@ -18,13 +18,13 @@ class DataConfig:
     """
 
     files: list[str] = field(default_factory=list)
-    text_field: str = "text"
+    text_field: str = "text"  # the json/parquet column holding text
     tokenizer: str = "byte"
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    max_files: int = 100
-    seed: int = 1234
-    shuffle: bool = True
+    seq_len: int = 128  # tokens per training sequence
+    val_fraction: float = 0.05  # validation share of the tokens (within +-50%)
+    max_files: int = 100  # cap on corpus files, a stable subset (0: all)
+    seed: int = 1234  # data order seed
+    shuffle: bool = True  # shuffle the training blocks every epoch
     cache_dir: str = ""
 
     def __post_init__(self) -> None:

@@ -35,16 +35,16 @@ class ModelConfig:
     """
 
     vocab_size: int = 0
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 4  # Transformer blocks
+    n_heads: int = 4  # attention heads (d_model / n_heads must be even, for rotary)
     d_ff: int = 1024
-    max_seq_len: int = 256
+    max_seq_len: int = 256  # longest sequence the model accepts (>= data.seq_len)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    activation: str = "gelu"
+    tie_embeddings: bool = False  # share the embedding table with the LM head
+    init_std: float = 0.02  # normal init std (residual outputs: / sqrt(2 n_layers))
+    activation: str = "gelu"  # dense FFN activation: gelu, relu, squared_relu, swiglu
     attention: str = "dense"
     attention_options: dict[str, Any] = field(default_factory=dict)
 

@@ -25,18 +25,18 @@ class MoEConfig:
     router_options: the fields of the chosen router's own Options dataclass.
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    d_ff: int = 512
-    router: str = "topk"
+    num_experts: int = 8  # experts per MoE layer (sharded over the EP group)
+    top_k: int = 2  # experts each token picks (token-choice routers)
+    d_ff: int = 512  # width of each expert
+    router: str = "topk"  # a registered router: topk, expert_choice, ...
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = None
-    drop_policy: str = "probs"
-    aux_loss_weight: float = 1e-2
-    z_loss_weight: float = 1e-3
-    activation: str = "gelu"
-    renormalize: bool = True
-    jitter_eps: float = 0.0
+    drop_policy: str = "probs"  # over capacity: keep the top weights (probs) or earliest (position)
+    aux_loss_weight: float = 1e-2  # weight of the load-balancing loss
+    z_loss_weight: float = 1e-3  # weight of the router z-loss
+    activation: str = "gelu"  # expert activation: gelu, relu, squared_relu, swiglu
+    renormalize: bool = True  # top-k>1: weights renormalised over the chosen k
+    jitter_eps: float = 0.0  # multiplicative input jitter of the router in training
     # Model-level placement: MoE replaces the FFN of every n-th block (0: dense model).
     every: int = 1
     # A dense expert every token goes through, beside the routed ones (0: none).
