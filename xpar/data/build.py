@@ -108,53 +108,8 @@ def build_data(
     tok = build_tokenizer(cfg.tokenizer)
     root = os.path.abspath(os.path.expanduser(cfg.cache_dir or cache.default_cache_dir()))
     corp = corpus.discover_corpus(cfg, exclude_dir=root)
-    key = cache.cache_key(
-        {"version": CACHE_VERSION, "corpus": corp.fingerprint(), "tokenizer": tok.fingerprint}
-    )
-
-    def build(tmp: str) -> dict:
-        t_load = time.perf_counter()
-        parts = corpus.load_split_datasets(corp, os.path.join(root, "hf"))
-        t_tok = time.perf_counter()
-        meta: dict = {"tokenizer": tok.fingerprint, "corpus": corp.fingerprint(), "splits": {}}
-        for split, dsets in parts.items():
-            info = packing.write_token_stream(
-                corpus.iter_documents(dsets), tok, os.path.join(tmp, split + ".bin")
-            )
-            meta["splits"][split] = info
-        meta["load_s"] = round(t_tok - t_load, 3)
-        meta["tokenize_s"] = round(time.perf_counter() - t_tok, 3)
-        return meta
-
-    directory, meta, hit = cache.build_or_load(os.path.join(root, "tokens"), key, build)
-    if not hit:
-        # Debug only: the trainer's data line says once which rank built it (rank 0 speaks).
-        log.debug(
-            "data: built token cache %s in %.1fs (load %.1fs, tokenize %.1fs)",
-            directory,
-            meta["build_s"],
-            meta["load_s"],
-            meta["tokenize_s"],
-        )
-
-    blocks: dict[str, np.ndarray] = {}
-    split_stats: dict[str, SplitStats] = {}
-    for split in corpus.SPLITS:
-        info = meta["splits"][split]
-        stream = packing.read_token_stream(
-            os.path.join(directory, split + ".bin"), info["dtype"], info["tokens"]
-        )
-        blocks[split] = packing.blocks_view(stream, cfg.seq_len)
-        n_files = len(corp.split_files(split)) if corp.split_by == "file" else 0
-        split_stats[split] = SplitStats(n_files, info["docs"], info["tokens"], len(blocks[split]))
-        if len(blocks[split]) == 0:
-            raise XparConfigError(
-                f"data.seq_len={cfg.seq_len} leaves no {split} block: the {split} split of "
-                f"data.files={list(cfg.files)!r} (max_files={cfg.max_files}) has "
-                f"{info['tokens']} tokens, fewer than seq_len + 1; add data "
-                "(more or larger files, data.max_files=0) or lower data.seq_len"
-            )
-
+    directory, meta, hit = _token_cache(corp, tok, root)
+    blocks, split_stats = _blocks(cfg, corp, directory, meta)
     train = TrainLoader(
         blocks["train"],
         rank=rank,
@@ -183,6 +138,64 @@ def build_data(
     if rank == 0 and not stats.val_share_ok:
         warnings.warn(_missed_share(stats, len(corp.files)), XparConfigWarning, stacklevel=2)
     return DataBundle(tokenizer=tok, train=train, val=val, stats=stats)
+
+
+def _token_cache(corp, tok, root: str) -> tuple[str, dict, bool]:
+    """The token streams of both splits, built once (under a file lock) or found cached."""
+    key = cache.cache_key(
+        {"version": CACHE_VERSION, "corpus": corp.fingerprint(), "tokenizer": tok.fingerprint}
+    )
+
+    def build(tmp: str) -> dict:
+        t_load = time.perf_counter()
+        parts = corpus.load_split_datasets(corp, os.path.join(root, "hf"))
+        t_tok = time.perf_counter()
+        meta: dict = {"tokenizer": tok.fingerprint, "corpus": corp.fingerprint(), "splits": {}}
+        for split, dsets in parts.items():
+            info = packing.write_token_stream(
+                corpus.iter_documents(dsets), tok, os.path.join(tmp, split + ".bin")
+            )
+            meta["splits"][split] = info
+        meta["load_s"] = round(t_tok - t_load, 3)
+        meta["tokenize_s"] = round(time.perf_counter() - t_tok, 3)
+        return meta
+
+    directory, meta, hit = cache.build_or_load(os.path.join(root, "tokens"), key, build)
+    if not hit:
+        # Debug only: the trainer's data line says once which rank built it (rank 0 speaks).
+        log.debug(
+            "data: built token cache %s in %.1fs (load %.1fs, tokenize %.1fs)",
+            directory,
+            meta["build_s"],
+            meta["load_s"],
+            meta["tokenize_s"],
+        )
+    return directory, meta, hit
+
+
+def _blocks(
+    cfg: DataConfig, corp, directory: str, meta: dict
+) -> tuple[dict[str, np.ndarray], dict[str, SplitStats]]:
+    """Each split's stream as seq_len + 1 blocks, and its statistics; an empty split is a
+    config error."""
+    blocks: dict[str, np.ndarray] = {}
+    split_stats: dict[str, SplitStats] = {}
+    for split in corpus.SPLITS:
+        info = meta["splits"][split]
+        stream = packing.read_token_stream(
+            os.path.join(directory, split + ".bin"), info["dtype"], info["tokens"]
+        )
+        blocks[split] = packing.blocks_view(stream, cfg.seq_len)
+        n_files = len(corp.split_files(split)) if corp.split_by == "file" else 0
+        split_stats[split] = SplitStats(n_files, info["docs"], info["tokens"], len(blocks[split]))
+        if len(blocks[split]) == 0:
+            raise XparConfigError(
+                f"data.seq_len={cfg.seq_len} leaves no {split} block: the {split} split of "
+                f"data.files={list(cfg.files)!r} (max_files={cfg.max_files}) has "
+                f"{info['tokens']} tokens, fewer than seq_len + 1; add data "
+                "(more or larger files, data.max_files=0) or lower data.seq_len"
+            )
+    return blocks, split_stats
 
 
 def _missed_share(st: DataStats, n_files: int) -> str:
