@@ -344,6 +344,11 @@ class XparEngine:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
+    @property
+    def lr_scheduler(self):
+        """The LR scheduler the engine steps (torch LambdaLR), or None."""
+        return self.raw.lr_scheduler
+
     def lr(self) -> float | None:
         """The learning rate of the next optimizer step (None if the optimizer hides it)."""
         opt = self.raw.optimizer

@@ -266,7 +266,7 @@ def restore(run: Run) -> None:
     run.resume_dir = run.start.resume
     shared = ckpt.read_client_state(run.resume_dir)
     force = run.cfg.train.resume == "force"
-    with resume.config_hyperparameters(run.engine.raw.lr_scheduler):
+    with resume.config_hyperparameters(run.engine.lr_scheduler):
         rank_state = ckpt.load(run.engine, run.resume_dir, run=run.record, force=force)
     run.step = run.start_step = run.last_saved = shared["step"]
     run.tokens_seen = shared["tokens_seen"]
