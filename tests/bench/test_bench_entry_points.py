@@ -4,30 +4,17 @@ Real subprocesses (plain python, and real torchrun for moe); every option has a 
 """
 
 import argparse
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from xpar.bench import moe, quality
 from xpar.bench.__main__ import BENCHMARKS, split
-
-REPO = Path(__file__).resolve().parents[2]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from xpar.testing.processes import run_python
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return subprocess.run(
-        [sys.executable, *args],
-        env={**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_python(*args, timeout=300, **env)
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -5,31 +5,21 @@ torchrun) is in tests/launch/test_scripts.py.
 """
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from xpar.config import check
 from xpar.errors import XparConfigError
+from xpar.testing.processes import run_python
 
-REPO = Path(__file__).resolve().parents[2]
 TYPO = "xpar: config error: train.stpes is not a key of train; did you mean train.steps?"
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
-    return subprocess.run(
-        [sys.executable, *args],
-        env={**base, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_python(*args, timeout=120, **env)
 
 
 def test_a_good_config_prints_nothing_not_even_its_warnings():

@@ -12,7 +12,7 @@ import pytest
 
 from xpar.config.schema import TrainConfig
 from xpar.config.store import CONFIG_DIR, GROUP_SCHEMAS
-from xpar.train.cli import field_docs, help_text
+from xpar.train.help import field_docs, help_text
 
 
 def _help(*args: str, **env: str) -> subprocess.CompletedProcess:
