@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import golden
 from xpar.testing import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -72,27 +73,7 @@ def test_zero_stages_agree(tmp_path):
 
 
 def _torchrun(out_dir, *overrides, env=None, check=True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "xpar.train",
-        "experiment=tiny",
-        f"train.out_dir={out_dir}",
-        *overrides,
-    ]
-    # A wandb service started by an earlier test in this pytest process must not be shared:
-    # it would still hold the killed run's id.
-    e = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    e.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    return golden.torchrun(out_dir, ["experiment=tiny", *overrides], env=env, check=check)
 
 
 def _losses(out_dir):
