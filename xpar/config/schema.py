@@ -205,6 +205,8 @@ class TrainConfig:
     overwrite: let resume=never start over in an out_dir that holds a run.
     init_from: a checkpoint directory to take the weights from (a new run at step 0).
     noop_ok: exit 0 when resume finds the run already finished (nothing to do).
+    max_bad_steps: a step whose loss or gradients are not finite on any rank is skipped on
+    every rank; this many in a row (or this many with a loss above max_loss) stop the run.
     print_config: print the resolved config (it always goes to a file and to W&B).
     verbose: let third-party libraries' messages through to the console.
     """
@@ -227,6 +229,8 @@ class TrainConfig:
     noop_ok: bool = False
     print_config: bool = False
     verbose: bool = False
+    max_bad_steps: int = 3  # consecutive non-finite or diverged steps before the run stops
+    max_loss: float = 0.0  # a loss above this is a diverged step; 0 = 4 x ln(vocab size)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -253,6 +257,8 @@ class TrainConfig:
         for name in ("deterministic", "overwrite", "noop_ok", "print_config", "verbose"):
             need_bool(prefix, self, name)
         need_number(prefix, self, "max_time_s", 0, "use seconds >= 0 (0 = no limit)")
+        need_int(prefix, self, "max_bad_steps", 1, "stop after n >= 1 consecutive bad steps")
+        need_number(prefix, self, "max_loss", 0, "use a loss bound > 0, or 0 (4 x ln(vocab))")
 
     def _check_checkpoint_paths(self, prefix: str) -> None:
         if not isinstance(self.resume, str) or not self.resume:

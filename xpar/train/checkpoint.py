@@ -284,6 +284,8 @@ MAY_DIFFER = frozenset(
         "train.max_time_s",  # a budget for this invocation
         "train.print_config",  # the console
         "train.verbose",
+        "train.max_bad_steps",  # when a failing run stops, not what a healthy one trains
+        "train.max_loss",
         "parallel.timeout_s",  # how long a collective may wait
         "data.cache_dir",  # where the token cache lives, not what it holds
         "data.tokenizer",  # its path; its content is compared (the fingerprint)
