@@ -4,6 +4,8 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -245,6 +247,35 @@ def test_bad_inputs_name_the_field(tmp_path, cache_dir):
         )
     # A failed build leaves no cache entry behind.
     assert not [d for d in os.listdir(os.path.join(cache_dir, "tokens")) if ".tmp-" in d]
+
+
+def test_a_binary_renamed_txt_is_refused_or_skipped(tmp_path, cache_dir):
+    write_txt(tmp_path, {"good.txt": make_text(1, n_lines=40)})
+    shutil.copy(sys.executable, tmp_path / "x.txt")  # a real ELF
+    (tmp_path / "nul.jsonl").write_bytes(b'{"text": "a"}\n\0\0\n')
+    files = [str(tmp_path / "*.txt"), str(tmp_path / "nul.jsonl")]
+    with pytest.raises(XparConfigError) as e:
+        build_data(DataConfig(files=files, seq_len=8, cache_dir=cache_dir))
+    msg = str(e.value)
+    assert f"2 file(s) not text: {str(tmp_path / 'nul.jsonl')!r} (a NUL byte at offset 14), " in msg
+    assert f"{str(tmp_path / 'x.txt')!r} (a NUL byte at offset 7)" in msg
+    assert "good.txt" not in msg and "data.skip_bad_files=true" in msg
+    cfg = DataConfig(files=files, seq_len=8, cache_dir=cache_dir, skip_bad_files=True)
+    for hit in (False, True):  # the same line when the cache is reused
+        with pytest.warns(XparConfigWarning) as got:
+            b = build_data(cfg)
+        (w,) = got
+        assert str(w.message).startswith(
+            "data.skip_bad_files=true: skipped 2 file(s) that are not text: "
+        )
+        assert b.stats.cache_hit is hit
+        assert decode_docs(b, "train")[0] + decode_docs(b, "validation")[0] == make_text(1, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", XparConfigWarning)
+        build_data(cfg, rank=1, world_size=2, micro_batch_size=1)  # other ranks stay quiet
+    # That cache skipped the binaries: a run that must refuse them does not reuse it.
+    with pytest.raises(XparConfigError, match="not text"):
+        build_data(DataConfig(files=files, seq_len=8, cache_dir=cache_dir))
 
 
 def _build_in_process(files, cache_dir, rank):

@@ -12,7 +12,7 @@ def test_defaults_match_interface():
     assert c.files == [] and c.text_field == "text" and c.tokenizer == "byte"
     # The main job's data: conf/data/stdlib.yaml carries no values of its own.
     assert (c.seq_len, c.val_fraction, c.max_files, c.seed) == (128, 0.05, 100, 1234)
-    assert c.shuffle is True and c.cache_dir == ""
+    assert c.shuffle is True and c.cache_dir == "" and c.skip_bad_files is False
 
 
 def test_omegaconf_structured_round_trip():
@@ -38,6 +38,7 @@ def test_omegaconf_structured_round_trip():
         ({"text_field": ""}, "text_field"),
         ({"tokenizer": ""}, "tokenizer"),
         ({"shuffle": "yes"}, "shuffle"),
+        ({"skip_bad_files": 1}, "skip_bad_files"),
         ({"seed": "1"}, "seed"),
     ],
 )

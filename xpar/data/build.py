@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from xpar.config.store import XparConfigWarning
-from xpar.data import cache, corpus, packing
+from xpar.data import cache, corpus, packing, textcheck
 from xpar.data.config import DataConfig
 from xpar.data.loader import Batch, TrainLoader, ValLoader, check_shard
 from xpar.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
@@ -26,7 +26,8 @@ from xpar.errors import XparConfigError
 log = logging.getLogger(__name__)
 
 # Bump when the cached stream format or the document/split rules change.
-CACHE_VERSION = 3
+# 4: files that are not text are refused or skipped (a version-3 cache may hold one).
+CACHE_VERSION = 4
 
 
 @dataclass
@@ -108,7 +109,12 @@ def build_data(
     tok = build_tokenizer(cfg.tokenizer)
     root = os.path.abspath(os.path.expanduser(cfg.cache_dir or cache.default_cache_dir()))
     corp = corpus.discover_corpus(cfg, exclude_dir=root)
-    directory, meta, hit = _token_cache(corp, tok, root)
+    directory, meta, hit = _token_cache(corp, tok, root, cfg)
+    # Whoever built the cache found the files that are not text; every rank drops them.
+    skipped = meta.get("skipped", [])
+    corp = corpus.without(corp, [rel for rel, _ in skipped])
+    if rank == 0 and skipped:
+        warnings.warn(_skipped_files(corp.root, skipped), XparConfigWarning, stacklevel=2)
     blocks, split_stats = _blocks(cfg, corp, directory, meta)
     train = TrainLoader(
         blocks["train"],
@@ -140,17 +146,28 @@ def build_data(
     return DataBundle(tokenizer=tok, train=train, val=val, stats=stats)
 
 
-def _token_cache(corp, tok, root: str) -> tuple[str, dict, bool]:
-    """The token streams of both splits, built once (under a file lock) or found cached."""
+def _token_cache(corp, tok, root: str, cfg: DataConfig) -> tuple[str, dict, bool]:
+    """The token streams of both splits, built once (under a file lock) or found cached.
+
+    The key is the corpus as listed plus skip_bad_files: a cache that skipped a file is
+    never reused by a run that must refuse it. meta["skipped"] lists what was skipped."""
     key = cache.cache_key(
-        {"version": CACHE_VERSION, "corpus": corp.fingerprint(), "tokenizer": tok.fingerprint}
+        {
+            "version": CACHE_VERSION,
+            "corpus": corp.fingerprint(),
+            "tokenizer": tok.fingerprint,
+            "skip_bad_files": cfg.skip_bad_files,
+        }
     )
 
     def build(tmp: str) -> dict:
         t_load = time.perf_counter()
-        parts = corpus.load_split_datasets(corp, os.path.join(root, "hf"))
+        skipped = _check_text(corp, cfg)
+        use = corpus.without(corp, [rel for rel, _ in skipped])
+        parts = corpus.load_split_datasets(use, os.path.join(root, "hf"))
         t_tok = time.perf_counter()
-        meta: dict = {"tokenizer": tok.fingerprint, "corpus": corp.fingerprint(), "splits": {}}
+        meta: dict = {"tokenizer": tok.fingerprint, "corpus": use.fingerprint(), "splits": {}}
+        meta["skipped"] = [list(s) for s in skipped]
         for split, dsets in parts.items():
             info = packing.write_token_stream(
                 corpus.iter_documents(dsets), tok, os.path.join(tmp, split + ".bin")
@@ -171,6 +188,35 @@ def _token_cache(corp, tok, root: str) -> tuple[str, dict, bool]:
             meta["tokenize_s"],
         )
     return directory, meta, hit
+
+
+def _check_text(corp, cfg: DataConfig) -> list[tuple[str, str]]:
+    """The files to skip; a config error naming them unless data.skip_bad_files."""
+    bad = corpus.not_text_files(corp)
+    if bad and not cfg.skip_bad_files:
+        one = len(bad) == 1
+        raise XparConfigError(
+            f"data.files={list(cfg.files)!r} is invalid: {len(bad)} file(s) not text: "
+            f"{_name_files(corp.root, bad)}; remove {'it' if one else 'them'} from data.files "
+            f"(or convert {'it' if one else 'them'} to UTF-8), or set data.skip_bad_files=true "
+            "to skip files that are not text (a NUL byte, or over "
+            f"{100 * textcheck.BAD_SHARE:g}% of the bytes not UTF-8)"
+        )
+    return bad
+
+
+def _skipped_files(root: str, skipped: list) -> str:
+    return (
+        f"data.skip_bad_files=true: skipped {len(skipped)} file(s) that are not text: "
+        f"{_name_files(root, skipped)}"
+    )
+
+
+def _name_files(root: str, bad: list, limit: int = 3) -> str:
+    """The first `limit` files as 'path (why)', and how many more."""
+    names = [f"{os.path.join(root, rel)!r} ({why})" for rel, why in bad[:limit]]
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    return ", ".join(names) + more
 
 
 def _blocks(

@@ -26,6 +26,10 @@ class DataConfig:
     seed: int = 1234  # data order seed
     shuffle: bool = True  # shuffle the training blocks every epoch
     cache_dir: str = ""
+    # A corpus file that is not text (a NUL byte, or over 1% of its bytes not UTF-8; see
+    # xpar/data/textcheck.py) is a config error naming it; true skips such files instead,
+    # with one warning line that names them.
+    skip_bad_files: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +60,7 @@ class DataConfig:
         if not is_int(self.seed):
             raise bad(prefix, "seed", self.seed, "use an integer")
         need_bool(prefix, self, "shuffle")
+        need_bool(prefix, self, "skip_bad_files")
         if not isinstance(self.cache_dir, str):
             raise bad(
                 prefix, "cache_dir", self.cache_dir, 'use a directory path, or "" for the default'

@@ -16,10 +16,15 @@ val_fraction (relative: 2.5%..7.5% of the tokens for 0.05), finest unit last:
   as two .txt files): every document's last val_fraction, cut at a line break.
 Each split keeps at least one file or document in train. A corpus too small for any of
 these still misses the tolerance; build_data then warns with the share achieved.
+
+Files that are not text (textcheck.py) are found when the token cache is built; a skipped
+one (data.skip_bad_files) leaves the corpus as if it had never been listed, split included.
+The stdlib corpus is not checked: it is this interpreter's own source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -28,6 +33,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from xpar.data import textcheck
 from xpar.data.config import DataConfig
 from xpar.errors import XparConfigError
 
@@ -126,6 +132,35 @@ def discover_corpus(cfg: DataConfig, exclude_dir: str | None = None) -> Corpus:
         text_field=cfg.text_field,
         val_fraction=float(cfg.val_fraction),
     )
+
+
+def not_text_files(corp: Corpus) -> list[tuple[str, str]]:
+    """(relpath, why) of each file that is not text; parquet is binary by design and
+    `datasets` validates it, the stdlib corpus is trusted. Reads every other file once."""
+    if corp.kind == "stdlib":
+        return []
+    out = []
+    for f in corp.files:
+        if f.builder != "parquet":
+            why = textcheck.not_text(f.path, strict=f.builder == "json")
+            if why is not None:
+                out.append((f.relpath, why))
+    return out
+
+
+def without(corp: Corpus, relpaths: list[str]) -> Corpus:
+    """The corpus as if `relpaths` had never been listed: the split is made again."""
+    if not relpaths:
+        return corp
+    drop = set(relpaths)
+    files = [f for f in corp.files if f.relpath not in drop]
+    if not files:
+        raise XparConfigError(
+            f"data.skip_bad_files=true leaves no corpus file: all {len(corp.files)} are not "
+            "text; give text, json or parquet files in data.files"
+        )
+    val = split_by_file(files, corp.val_fraction)
+    return dataclasses.replace(corp, files=files, val_files=[f.relpath for f in val])
 
 
 def split_by_file(files: list[CorpusFile], val_fraction: float) -> list[CorpusFile]:
