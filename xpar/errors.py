@@ -7,3 +7,7 @@ class XparConfigError(ValueError):
 
 class XparDistributedError(RuntimeError):
     """Ranks disagree about something they must agree on."""
+
+
+class XparUnhealthyError(RuntimeError):
+    """Training cannot go on without damage (e.g. non-finite weights about to be saved)."""

@@ -326,9 +326,30 @@ class XparEngine:
         """Backward of one micro batch; gradients are reduced at the accumulation boundary."""
         return self.raw.backward(loss)
 
-    def step(self) -> None:
-        """Optimizer and LR step at the accumulation boundary (DeepSpeed counts micro steps)."""
-        self.raw.step()
+    def step(self, skip: bool = False) -> bool:
+        """Optimizer and LR step at the accumulation boundary (DeepSpeed counts micro steps).
+
+        skip=True (every rank alike: a non-finite loss or gradient somewhere) leaves the
+        weights and optimizer moments as they are. Returns whether the update was applied:
+        False also when DeepSpeed's own overflow check (ZeRO 1/2) skipped it. A skipped step
+        still advances the LR schedule, as the step counter and the data do, at every stage.
+        """
+        e = self.raw
+        if skip and not e.zero_optimization():
+            # AdamW leaves a parameter without a gradient untouched (no moment, no decay).
+            for p in e.module.parameters():
+                p.grad = None
+        skipped_before = e.skipped_steps
+        e.step()
+        ds_skipped = e.skipped_steps > skipped_before
+        if ds_skipped and e.lr_scheduler is not None:
+            e.lr_scheduler.step()  # DeepSpeed holds the schedule back on a skip; xpar does not
+        if skip and e.zero_optimization() and not ds_skipped:
+            raise XparDistributedError(
+                "DeepSpeed applied an optimizer step that xpar skipped (non-finite loss) "
+                "without finding non-finite gradients; the weights may be damaged"
+            )
+        return not (skip or ds_skipped)
 
     def train(self, mode: bool = True) -> XparEngine:
         self.raw.train(mode)
@@ -343,6 +364,10 @@ class XparEngine:
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.raw.zero_optimization_stage())
 
     @property
     def lr_scheduler(self):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from xpar.config.schema import XparConfig
 from xpar.config.store import to_plain_dict
 from xpar.data.build import DataBundle, build_data
+from xpar.errors import XparUnhealthyError
 from xpar.models import MoETransformer
 from xpar.models.config import ModelConfig
 from xpar.models.cost import describe_cost, flops_per_token
@@ -39,7 +40,7 @@ from xpar.parallel import deepspeed as ds
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
-from xpar.train import phases, resume
+from xpar.train import health, phases, resume
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
 from xpar.train.preempt import PreemptionWatcher
@@ -74,6 +75,8 @@ class Run:
     record: dict  # what the checkpoint records about the run (resume guard)
     faults: FaultHooks
     start: resume.Start  # resume, init_from or fresh; the LR schedule's length
+    health: health.StepHealth  # bad steps in a row; why the run must stop
+    drops: health.DropWatch  # warns once when routing drops most tokens
     monitor: Monitor | None = None
     watcher: PreemptionWatcher | None = None
     val_batches: list = field(default_factory=list)
@@ -190,6 +193,8 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         record=record,
         faults=FaultHooks.from_env(),
         start=start,
+        health=health.StepHealth(tc.max_bad_steps, health.max_loss_for(tc.max_loss, vocab)),
+        drops=health.DropWatch(cfg.moe.capacity_factor),
     )
 
 
@@ -329,21 +334,47 @@ def _autocast(run: Run):
 
 def train_step(run: Run) -> tuple[float, list]:
     """grad_accum micro-batches, one optimizer step; returns the global mean loss and the
-    last micro-batch's MoE reports."""
-    accum = run.cfg.train.grad_accum
-    ce_sum, auxes = 0.0, []
+    last micro-batch's MoE reports. A step whose loss or gradients are not finite on any
+    rank is skipped on every rank (xpar.train.health)."""
+    accum, rank = run.cfg.train.grad_accum, run.groups.rank
+    loss_sum, ce_sum, auxes = 0.0, 0.0, []
     for _ in range(accum):
         x, y = (t.to(run.device) for t in run.data.train.next_batch())
         with _autocast(run):
             logits, auxes = run.engine(x)
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        if run.faults.loss_is_nan(rank, run.step):
+            ce = ce * float("nan")
         aux = sum((a.loss for a in auxes), ce.new_zeros(()))
-        run.engine.backward(ce + aux)
+        total = ce + aux
+        run.engine.backward(total)
         ce_sum += ce.item()
-    run.engine.step()
+        loss_sum += total.item()
+    verdict, name = health.OK, None
+    if not math.isfinite(loss_sum):
+        verdict, name = health.BAD_LOSS, "the loss"
+    elif not run.engine.zero_stage:  # ZeRO 1/2 hold reduced gradients in their partitions
+        name = health.first_nonfinite_grad(run.engine.module)
+        verdict = health.OK if name is None else health.BAD_GRADS
+    # One all-reduce: the mean loss and every rank's verdict in its own slot.
+    slots = [0.0] * run.groups.world_size
+    slots[rank] = float(verdict)
+    reduced = _sum_over_ranks([ce_sum / accum, *slots], run.device)
+    loss, verdicts = reduced[0] / run.groups.world_size, [int(v) for v in reduced[1:]]
+    bad = None
+    if any(verdicts):
+        names = [None] * run.groups.world_size
+        dist.all_gather_object(names, name)  # only on a bad step: which tensor, for the line
+        bad = health.describe(verdicts, names)
+    if not run.engine.step(skip=bad is not None) and bad is None:
+        bad = health.describe([], [])  # DeepSpeed's overflow check skipped it
     run.tokens_seen += run.tokens_per_step
-    loss = _mean_over_ranks([ce_sum / accum], run.device)[0]
     run.result.losses[run.step] = loss
+    line = run.health.record(run.step, loss, bad)
+    if line is not None:
+        run.monitor.print(line)
+    if run.groups.rank == 0:
+        run.drops.record([a.dropped_fraction.item() for a in auxes])
     return loss, auxes
 
 
@@ -388,6 +419,13 @@ def after_step(run: Run) -> bool:
     """Evaluate and save on their cadence; False when a scheduler signal or
     train.max_time_s stops the run."""
     tc, step = run.cfg.train, run.step
+    if run.health.stop_reason is not None:  # every rank alike: the verdicts were all-reduced
+        run.monitor.print(
+            f"stopping at step {step}: {run.health.stop_reason} (newest checkpoint: "
+            f"{'none' if run.last_saved is None else f'step {run.last_saved}'}; "
+            f"exit {health.EXIT_UNHEALTHY})"
+        )
+        return False
     if step % tc.eval_every == 0 and step < tc.steps:
         run.monitor.log_val(step, evaluate(run))
     if step % tc.ckpt_every == 0 or step == tc.steps:
@@ -409,6 +447,12 @@ def after_step(run: Run) -> bool:
 def save(run: Run) -> None:
     """Collective: every rank's file, then rank 0's client state, then the `latest` pointer."""
     step, root = run.step, run.ckpt_root
+    bad = _sum_over_ranks([float(not health.weights_finite(run.engine.module))], run.device)[0]
+    if bad:  # the step guard skips non-finite updates, so this is a bug: never save it
+        raise XparUnhealthyError(
+            f"step {step}: the weights are not finite on {int(bad)} rank(s); no checkpoint "
+            f"is written (`latest` still names step {run.last_saved})"
+        )
     d = ckpt.step_dir(root, step)
     ckpt.save(run.engine, d, client_state={"rng": rng_state()})  # ends with a barrier
     if run.groups.rank == 0:
@@ -456,7 +500,7 @@ def finish(run: Run, startup: phases.PhaseTimer, t_loop: float) -> TrainResult:
     res.step = run.step
     elapsed = time.perf_counter() - t_loop
     res.tokens_per_s = (run.step - run.start_step) * run.tokens_per_step / max(elapsed, 1e-9)
-    if run.watcher.stopped_by is None:
+    if run.watcher.stopped_by is None and run.health.stop_reason is None:
         res.val_loss_after = evaluate(run)
         mon.log_val(run.step, res.val_loss_after)
         mon.print(f"val loss after: {res.val_loss_after:.4f}")
@@ -475,7 +519,7 @@ def finish(run: Run, startup: phases.PhaseTimer, t_loop: float) -> TrainResult:
         mon.print_warnings(log.lines(), warning_log.PREFIX)
     run.watcher.requeue_if_slurm()
     run.watcher.uninstall()
-    res.exit_code = run.watcher.exit_code()
+    res.exit_code = health.EXIT_UNHEALTHY if run.health.stop_reason else run.watcher.exit_code()
     dist.barrier()
     return res
 
@@ -485,6 +529,10 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _mean_over_ranks(values: list[float], device) -> list[float]:
+    return [v / dist.get_world_size() for v in _sum_over_ranks(values, device)]
+
+
+def _sum_over_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return t.tolist()

@@ -80,8 +80,12 @@ def format_val_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -> 
     width = len(str(total_steps))
     return (
         f"eval {step:>{width}}/{total_steps} | val loss {metrics['val/loss']:.4f} | "
-        f"val ppl {metrics['val/ppl']:.2f}"
+        f"val ppl {_ppl(metrics['val/ppl'])}"
     )
+
+
+def _ppl(ppl: float) -> str:
+    return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.3e}"  # a diverged run: not 300 digits
 
 
 def progress_bar(step: int, total_steps: int, eta_s: float | None, width: int = 24) -> str:
