@@ -16,6 +16,7 @@ from xpar.redact import (
     is_secret_key,
     looks_like_secret,
     redact,
+    redact_yaml_files,
     to_plain,
 )
 
@@ -69,6 +70,46 @@ def test_values_either_old_rule_caught_are_redacted(value):
         assert to_plain_dict(node)["train"]["out_dir"] == REDACTED
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "api_key=SECRET123",
+        "run api_key=SECRET123 b",
+        "token: abc",
+        "password = hunter2",
+        "--api-key abc",
+        "--hf-token=abc",
+        "https://example.com/x?access_token=abc&b=1",
+        "+parallel.deepspeed.comet.api_key=abc",  # an override as Hydra records it
+    ],
+)
+def test_a_secret_key_given_a_value_in_a_string_is_a_secret(value):
+    assert looks_like_secret(value)
+    assert redact({"run_name": value, "list": [value]}) == {
+        "run_name": REDACTED,
+        "list": [REDACTED],
+    }
+    cfg = XparConfig()
+    cfg.logger.run_name = value  # validation refuses it; to_plain_dict redacts it anyway
+    for node in (cfg, OmegaConf.structured(cfg)):
+        assert to_plain_dict(node)["logger"]["run_name"] == REDACTED
+
+
+def test_yaml_files_are_redacted_in_place(tmp_path):
+    (tmp_path / "overrides.yaml").write_text("- experiment=tiny\n- logger.run_name='api_key=S3'\n")
+    (tmp_path / "config.yaml").write_text("a:\n  token: abc\n  out: x/${a.b}\n  b: 1\n")
+    clean = "train:\n  steps: 5\n"
+    (tmp_path / "hydra.yaml").write_text(clean)
+    (tmp_path / "notes.txt").write_text("token: abc\n")  # not yaml: left alone
+    assert redact_yaml_files(tmp_path) == ["config.yaml", "overrides.yaml"]
+    assert OmegaConf.load(tmp_path / "overrides.yaml") == ["experiment=tiny", REDACTED]
+    conf = OmegaConf.load(tmp_path / "config.yaml")
+    assert conf.a.token == REDACTED and conf.a.out == "x/1"  # interpolations kept
+    assert (tmp_path / "hydra.yaml").read_text() == clean
+    assert (tmp_path / "notes.txt").read_text() == "token: abc\n"
+    assert redact_yaml_files(None) == redact_yaml_files(tmp_path / "none") == []
+
+
 def test_which_old_rule_caught_what():
     for value in ONLY_OLD_SCHEMA_RULE:
         assert not any(p.search(value) for p in OLD_MONITOR_PATTERNS), value
@@ -84,6 +125,15 @@ def test_which_old_rule_caught_what():
         "openwebtext_2024_shard_00001_of_00128.jsonl",
         "run-3f2a9c1d7e",
         "outputs/main",
+        # key=value whose key is not a secret by the words rule, or with nothing to hide
+        "tokenizer=byte",
+        "data.tokenizer=/models/tok",
+        "max_tokens=5",
+        "--tokenizer byte",
+        "monkey: 3",
+        "token=",
+        "--api-key",
+        "https://example.com/a:b",
         "a" * 39,
         "",
         7,

@@ -1,6 +1,7 @@
 """The one secret rule, for keys and values: the printed, logged (W&B) and saved config use it.
 
-`redact(to_plain(config))` is the config as it may leave the process.
+`redact(to_plain(config))` is the config as it may leave the process; `redact_hydra_output`
+applies the rule to the files Hydra writes from the raw overrides (.hydra/).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ __all__ = [
     "key_words",
     "looks_like_secret",
     "redact",
+    "redact_hydra_output",
+    "redact_yaml_files",
     "to_plain",
 ]
 
@@ -42,6 +45,14 @@ SECRET_VALUE_PATTERNS: tuple[re.Pattern[str], ...] = (
     re.compile(r"(?<![0-9A-Za-z])hf_[A-Za-z0-9]{30,}"),
 )
 
+# A secret key given a value inside a string is a secret too: "api_key=abc", "token: abc",
+# "--api-key abc" (an override, a command line, a URL query). The key is found whole (never
+# part of a longer word) and judged by is_secret_key, so "tokenizer=byte" stays.
+_ASSIGNMENTS: tuple[re.Pattern[str], ...] = (
+    re.compile(r"(?<![\w.\-])([A-Za-z_][\w.\-]*)\s*[=:]\s*(?=\S)"),
+    re.compile(r"(?<![\w\-])--([A-Za-z_][\w.\-]*)(?:\s*=\s*|\s+)(?=[^\s\-])"),
+)
+
 
 def key_words(key: str) -> list[str]:
     """A key's words, lowercased: hfToken -> hf, token; WANDB_API_KEY -> wandb, api, key."""
@@ -55,8 +66,13 @@ def is_secret_key(key: Any) -> bool:
 
 
 def looks_like_secret(value: object) -> bool:
-    """Whether a string looks like an API key or access token, or holds one."""
-    return isinstance(value, str) and any(p.search(value) for p in SECRET_VALUE_PATTERNS)
+    """Whether a string looks like an API key or access token, or holds one (also as the
+    value of a secret key: "api_key=...")."""
+    if not isinstance(value, str):
+        return False
+    if any(p.search(value) for p in SECRET_VALUE_PATTERNS):
+        return True
+    return any(is_secret_key(m.group(1)) for p in _ASSIGNMENTS for m in p.finditer(value))
 
 
 def redact(obj: Any) -> Any:
@@ -80,6 +96,40 @@ def _redact_entry(key: str, value: Any) -> Any:
 
 def _is_empty(x: Any) -> bool:
     return x is None or x == "" or x == {} or x == []
+
+
+def redact_yaml_files(directory: str | os.PathLike | None) -> list[str]:
+    """Rewrite each *.yaml in `directory` with its secrets redacted; the names rewritten.
+
+    For Hydra's .hydra/ (config, hydra and overrides .yaml), written from the raw overrides
+    before xpar sees the config. Interpolations stay unresolved; a file without secrets is
+    not touched. None (no .hydra/ on this rank) or a missing directory: nothing to do."""
+    if directory is None or not os.path.isdir(directory):
+        return []
+    from omegaconf import OmegaConf
+
+    done = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not name.endswith(".yaml") or not os.path.isfile(path):
+            continue
+        plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        clean = redact(plain)
+        if clean != plain:
+            with open(path, "w") as f:
+                f.write(OmegaConf.to_yaml(OmegaConf.create(clean)))
+            done.append(name)
+    return done
+
+
+def redact_hydra_output() -> list[str]:
+    """Inside @hydra.main: redact the .hydra/ files this job wrote (ranks > 0 write none)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    if not hc.output_subdir:
+        return []
+    return redact_yaml_files(os.path.join(hc.runtime.output_dir, hc.output_subdir))
 
 
 def to_plain(config: Any) -> Any:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from xpar.testing.processes import run_python
 
 APP = Path(__file__).with_name("config_hydra_app.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -73,3 +76,50 @@ def test_bad_override_fails_the_app_with_the_field_named(tmp_path):
     p = _run(0, tmp_path, tmp_path / "run", "parallel.zero_stage=3")
     assert p.returncode != 0
     assert "parallel.zero_stage=3 with MoE layers is not supported" in p.stderr
+
+
+SECRETS = ("abc123xyz", "SECRET123")
+SECRET_OVERRIDES = [
+    "+parallel.deepspeed.comet.api_key=abc123xyz",
+    "logger.run_name='api_key=SECRET123'",
+]
+
+
+def _files_holding(root: Path, secrets=SECRETS) -> list[str]:
+    return [
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file() and any(s.encode() in p.read_bytes() for s in secrets)
+    ]
+
+
+def test_hydra_files_are_redacted(tmp_path):
+    # Hydra writes .hydra/ from the raw overrides before the app's code runs: the app (as the
+    # trainer) redacts them first. The run name is then refused, never echoed.
+    out = tmp_path / "run"
+    p = _run(0, tmp_path, out, *SECRET_OVERRIDES)
+    # (Hydra's own "Error executing job with overrides: [...]" on stderr still has them; the
+    # trainer ends on a config error itself, without it.)
+    assert p.returncode != 0 and "logger.run_name=<redacted> looks like an API key" in p.stderr
+    overrides = (out / ".hydra" / "overrides.yaml").read_text()
+    assert overrides.count("<redacted>") == 2 and "experiment=tiny" in overrides
+    assert "api_key: <redacted>" in (out / ".hydra" / "config.yaml").read_text()
+    assert _files_holding(out) == []
+
+
+def test_the_trainer_keeps_secrets_out_of_its_files(tmp_path):
+    # A secret-shaped run name (it would name the out_dir, outputs/${logger.run_name}) is
+    # refused before Hydra writes anything.
+    p = run_python("-m", "xpar.train", "experiment=tiny", f"hydra.run.dir={tmp_path}/x",
+                   "logger.run_name='api_key=SECRET123'", timeout=120)  # fmt: skip
+    assert p.returncode == 2 and p.stderr.startswith("xpar: config error: logger.run_name=<red")
+    assert "SECRET123" not in p.stdout + p.stderr and list(tmp_path.iterdir()) == []
+    # An allowed secret (a DeepSpeed comet key) reaches the trainer: its .hydra/ is redacted
+    # before anything else (here the data build refuses a binary, after Hydra's files).
+    shutil.copy(sys.executable, tmp_path / "x.txt")
+    out = tmp_path / "run"
+    p = run_python("-m", "xpar.train", "experiment=tiny", f"train.out_dir={out}",
+                   f"data.files=[{tmp_path / 'x.txt'}]", f"data.cache_dir={tmp_path / 'cache'}",
+                   SECRET_OVERRIDES[0], timeout=120)  # fmt: skip
+    assert p.returncode == 2 and "1 file(s) not text" in p.stderr, p.stderr
+    assert (out / ".hydra" / "overrides.yaml").is_file() and _files_holding(out) == []

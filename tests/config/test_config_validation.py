@@ -77,6 +77,7 @@ BAD = [
     (["parallel.precision=fp16"], 2, ["parallel.precision='fp16'", "fp32, bf16"]),
     ([f"logger.entity={KEY}"], 2, ["logger.entity=<redacted>", "API key", "WANDB_API_KEY"]),
     ([f"logger.run_name=sk-{KEY}"], 2, ["logger.run_name=<redacted>", "wandb login"]),
+    (["logger.run_name='api_key=SECRET123'"], 2, ["logger.run_name=<redacted>", "wandb login"]),
     (["logger.project=team/xpar"], 2, ["logger.project='team/xpar'", "cannot contain /"]),
     (["moe.every=5"], 2, ["moe.every=5", "model.n_layers=4", "moe.every=0"]),
     (["optim.min_lr=0.1"], 2, ["optim.min_lr=0.1", "<= optim.lr=0.003"]),
@@ -132,11 +133,14 @@ def test_bad_config_message(overrides, world_size, expect):
         assert s in msg, f"{s!r} not in {msg!r}"
 
 
-def test_secret_is_never_echoed():
+@pytest.mark.parametrize(
+    "override, secret", [(f"logger.entity={KEY}", KEY), ("logger.run_name='token: x1y2'", "x1y2")]
+)
+def test_secret_is_never_echoed(override, secret):
     with pytest.raises(XparConfigError) as ei:
-        compose_config([f"logger.entity={KEY}"], world_size=2, cuda_available=False)
-    assert KEY not in str(ei.value)
-    assert KEY not in repr(ei.value.__cause__ or "")
+        compose_config([override], world_size=2, cuda_available=False)
+    assert secret not in str(ei.value)
+    assert secret not in repr(ei.value.__cause__ or "")
 
 
 def test_zero3_is_refused_by_the_deepspeed_adapter_even_for_a_dense_model():
