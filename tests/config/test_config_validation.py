@@ -191,6 +191,7 @@ def test_resume_from_existing_dir(tmp_path):
         (["parallel.precision=bf16"], False, "parallel.precision='bf16' on a machine without CUDA"),
         (["moe=dense", "parallel.ep_size=2"], False, "parallel.ep_size=2 is ignored"),
         (["optim.warmup_steps=500"], False, "optim.warmup_steps=500 >= train.steps=200"),
+        (["optim.lr=1e6"], False, "optim.lr=1e+06 is above 1: AdamW will diverge"),
     ],
 )
 def test_soft_problems_warn_on_rank_zero_only(overrides, cuda, expect):
@@ -204,6 +205,13 @@ def test_soft_problems_warn_on_rank_zero_only(overrides, cuda, expect):
         warnings.simplefilter("always")
         load_and_validate(cfg, 2, rank=1, cuda_available=cuda)
     assert not [w for w in rec if w.category is XparConfigWarning]
+
+
+def test_a_high_but_sane_lr_does_not_warn():
+    assert OptimConfig.LR_WARN_ABOVE == 1.0
+    for lr in (1.0, 0.05):
+        cfg = compose_config([f"optim.lr={lr}"], world_size=2, cuda_available=False)
+        assert not [n for n in cfg.validate(2, cuda_available=False) if "optim.lr" in n]
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,10 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     schedule: str = "cosine"
 
+    # A peak lr above this is legal but diverges with AdamW (its steps are ~lr per weight;
+    # 1e-4..1e-2 is the useful range): a warning at config time. Not a field (no annotation).
+    LR_WARN_ABOVE = 1.0
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -472,6 +476,11 @@ class XparConfig:
 
     def _check_soft(self, warnings: list[str]) -> None:
         o, t = self.optim, self.train
+        if o.lr > o.LR_WARN_ABOVE:
+            warnings.append(
+                f"optim.lr={o.lr:g} is above {o.LR_WARN_ABOVE:g}: AdamW will diverge at such a "
+                "learning rate (useful: 1e-4..1e-2); lower it, e.g. optim.lr=3e-3"
+            )
         if o.warmup_steps >= t.steps:
             warnings.append(
                 f"optim.warmup_steps={o.warmup_steps} >= train.steps={t.steps}: the learning rate "
