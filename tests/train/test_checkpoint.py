@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,6 +319,62 @@ def _checkpoint_part(rank, world, groups, grad_accum, root):
     return out
 
 
+def _fallback_part(rank, world, groups, grad_accum, root):
+    """Two trainer-like checkpoints; rank 3's file of the newest has a flipped byte: every rank
+    agrees to fall back (auto), or refuses (the damaged one named); with none left, an error."""
+    from xpar.config.store import compose_config
+    from xpar.train import resume
+
+    out = Path(root) / "fallback"
+    ck = out / "checkpoints"
+    engine = build_engine(groups, 1, 1)
+    for step in (2, 4):
+        d = ckpt.step_dir(ck, step)
+        ckpt.save(engine, d, {"rng": torch.get_rng_state()})
+        if rank == 0:
+            ckpt.write_client_state(d, {"step": step, "world_size": world, "schedule_steps": 6})
+            ckpt.publish(ck, step)
+        dist.barrier()
+    newest = ckpt.step_dir(ck, 4) / "rank00003.pt"
+    if rank == 0:
+        data = bytearray(newest.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    dist.barrier()
+
+    def plan(*overrides):
+        cfg = compose_config(
+            ["experiment=tiny", f"train.out_dir={out}", *overrides],
+            world_size=world,
+            cuda_available=False,
+        )
+        return cfg, resume.plan_start(cfg)
+
+    res = {}
+    cfg, start = plan()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        used, state = resume.loadable(cfg, start, engine)
+    res["planned"], res["used"], res["step"] = start.resume.name, used.resume.name, used.step
+    res["lines"] = [str(w.message) for w in seen]
+    res["loaded"] = ckpt.load(build_engine(groups, 1, 1, seed=1), used.resume, state=state)
+    res["loaded"] = sorted(res["loaded"])
+    cfg, start = plan(f"train.resume={ckpt.step_dir(ck, 4)}")
+    try:
+        resume.loadable(cfg, start, engine)
+    except ckpt.DamagedCheckpoint as e:
+        res["named"] = str(e)
+    if rank == 2:  # the older one is damaged too: nothing left
+        ckpt.rank_file(ckpt.step_dir(ck, 2), 2).unlink()
+    dist.barrier()
+    cfg, start = plan()
+    try:
+        resume.loadable(cfg, start, engine)
+    except ckpt.DamagedCheckpoint as e:
+        res["none"] = str(e)
+    return res
+
+
 @pytest.fixture(scope="module")
 def ckpt_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpt")
@@ -325,7 +382,7 @@ def ckpt_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world4(ckpt_root):
-    parts = {"checkpoint": _checkpoint_part}
+    parts = {"checkpoint": _checkpoint_part, "fallback": _fallback_part}
     return run_distributed(battery, 4, parts, 1, str(ckpt_root), timeout=600)
 
 
@@ -365,7 +422,10 @@ def test_checkpoint_files_and_layout_mismatch(world4, ckpt_root):
     meta = json.loads((ckpt_root / "zero1" / "xpar_parallel.json").read_text())
     assert (meta["world_size"], meta["ep_size"], meta["zero_stage"]) == (4, 2, 1)
     names = sorted(p.name for p in (ckpt_root / "zero0").iterdir())
-    assert names == [f"rank{r:05d}.pt" for r in range(4)] + ["xpar_parallel.json"]
+    files = [f"rank{r:05d}.pt" for r in range(4)] + ["xpar_parallel.json"]
+    assert names == sorted(files + [f + ckpt.SUMS for f in files])  # each with its checksum
+    for f in files:
+        assert ckpt.file_problem(ckpt_root / "zero0" / f) is None
     for out in outs:
         assert out["mismatch"] is not None and "parallel.zero_stage" in out["mismatch"]
 
@@ -419,3 +479,25 @@ def test_old_checkpoint_with_other_shapes_is_refused_naming_the_parameters(tmp_p
     assert "train.resume=never" in p.stderr
     assert not (out / "metrics.jsonl").exists() or not golden.losses(out)
     assert sorted(os.listdir(out / "checkpoints")) == sorted(os.listdir(golden.CKPT_FIXTURE))
+
+
+def test_a_rank_file_that_fails_its_checksum_makes_every_rank_fall_back(world4, ckpt_root):
+    ck = ckpt_root / "fallback" / "checkpoints"
+    bad = ck / "step_00000004" / "rank00003.pt"
+    outs = part(world4, "fallback")
+    for rank, out in enumerate(outs):
+        assert (out["planned"], out["used"], out["step"]) == ("step_00000004", "step_00000002", 2)
+        assert out["loaded"] == ["rng"], rank
+        assert out["named"].startswith(
+            f"train.resume='{ck / 'step_00000004'}': checkpoint step_00000004 is damaged "
+            f"(rank 3: {bad} has sha256 "
+        )
+        assert "expected" in out["named"] and "name an older one" in out["named"]
+        assert out["none"].startswith(f"train.resume=auto: no checkpoint under {ck} loads on ")
+        assert "checkpoint step_00000004 is damaged (rank 3: " in out["none"]
+        assert f"(rank 2: {ck / 'step_00000002' / 'rank00002.pt'} is missing" in out["none"]
+    (line,) = outs[0]["lines"]  # rank 0 only, one line
+    assert line.startswith("train.resume=auto: checkpoint step_00000004 is damaged (rank 3: ")
+    assert "(its bytes changed after it was written)); resuming " in line
+    assert line.endswith(f"{ck / 'step_00000002'} instead")
+    assert [out["lines"] for out in outs[1:]] == [[], [], []]

@@ -10,6 +10,13 @@ from nothing; and whether the out_dir's old run must first make way.
                              run) from that checkpoint's weights, when there is none to resume
 
 Rules:
+- A damaged checkpoint (a file missing, truncated, changed since it was written, or
+  unreadable: xpar.train.checkpoint checks each file's checksum) is passed over by
+  train.resume=auto|force for the newest older complete one, with one line each, here for
+  client_state.json (and a `latest` naming no complete checkpoint) and after the process
+  group for the rank files (`loadable`: every rank checks its own file, the ranks agree in
+  one all-reduce). None left: a clear error naming each. train.resume=<dir> names one
+  checkpoint and never falls back.
 - A checkpoint already at or past train.steps leaves nothing to do: one line, exit
   EXIT_NOTHING_TO_DO (4), or 0 with train.noop_ok=true. Nothing is built or written.
 - A resumed config that differs from the checkpoint's is refused unless train.resume=force
@@ -25,6 +32,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import shutil
 import sys
@@ -34,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from xpar.config.schema import XparConfig
@@ -64,24 +73,33 @@ class Start:
     finished: str | None = None  # the nothing-to-do line
     exit_code: int = 0  # with finished
     notes: tuple[str, ...] = ()  # warnings for rank 0 to issue once
+    damaged: tuple[str, ...] = ()  # a line for each damaged checkpoint passed over
 
 
 def plan_start(cfg: XparConfig) -> Start:
     """The start plan for cfg and the files in its out_dir (reads, never writes)."""
     tc = cfg.train
     if tc.resume in ("auto", "force"):
-        found = _latest(Path(tc.out_dir).resolve() / "checkpoints", f"train.resume={tc.resume}")
-    elif tc.resume == "never":
-        found = None
-    else:
-        if tc.init_from:
-            raise XparConfigError(
-                f"train.init_from={tc.init_from!r} and train.resume={tc.resume!r} both name a "
-                "checkpoint: resume=<dir> continues a run, init_from starts a new one from its "
-                "weights; keep one of them"
-            )
-        found = as_checkpoint(tc.resume, "train.resume")
-    return _resume_plan(cfg, found) if found is not None else _fresh_plan(cfg)
+        field = f"train.resume={tc.resume}"
+        found, damaged = _newest_readable(Path(tc.out_dir).resolve() / "checkpoints", field)
+        if found is not None:
+            return dataclasses.replace(_resume_plan(cfg, found), damaged=damaged)
+        return _fresh_plan(cfg)
+    if tc.resume == "never":
+        return _fresh_plan(cfg)
+    if tc.init_from:
+        raise XparConfigError(
+            f"train.init_from={tc.init_from!r} and train.resume={tc.resume!r} both name a "
+            "checkpoint: resume=<dir> continues a run, init_from starts a new one from its "
+            "weights; keep one of them"
+        )
+    found = as_checkpoint(tc.resume, "train.resume")
+    try:
+        return _resume_plan(cfg, found)
+    except ckpt.DamagedCheckpoint as e:  # the user named this one: no fallback
+        raise ckpt.DamagedCheckpoint(
+            f"train.resume={tc.resume!r}: {e.what}", ckpt.DAMAGED_FIX
+        ) from e
 
 
 def as_checkpoint(value: str, field: str) -> Path:
@@ -107,10 +125,44 @@ def _latest(root: Path, field: str) -> Path | None:
         raise XparConfigError(f"{field}: {e}") from e
 
 
+# When no checkpoint of a run can be resumed.
+NONE_LOADS_FIX = (
+    "restore the files from a copy, or start over with train.resume=never train.overwrite=true"
+)
+
+
+def _newest_readable(root: Path, field: str) -> tuple[Path | None, tuple[str, ...]]:
+    """The newest checkpoint whose client_state.json verifies (`latest`, else an older complete
+    one), and a line for each passed over; None when the run has no checkpoint."""
+    try:
+        newest = ckpt.latest(root)
+    except FileNotFoundError as e:  # `latest` names garbage: every complete checkpoint
+        newest, passed = None, [(root / ckpt.LATEST, str(e).split("; ")[0])]
+        candidates = ckpt.complete(root)
+        if not candidates:
+            raise XparConfigError(f"{field}: {e}") from e
+    else:
+        if newest is None:
+            return None, ()
+        passed, candidates = [], ckpt.complete(root, upto=newest)
+    for d in candidates:
+        try:
+            ckpt.read_client_state(d)
+        except ckpt.DamagedCheckpoint as e:
+            passed.append((d, f"checkpoint {d.name} is damaged: {e.what}"))
+            continue
+        return d, tuple(f"{field}: {why}; resuming {d} instead" for _, why in passed)
+    raise ckpt.DamagedCheckpoint(
+        f"{field}: no checkpoint under {root} can be resumed: "
+        + "; ".join(why for _, why in passed),
+        NONE_LOADS_FIX,
+    )
+
+
 def _resume_plan(cfg: XparConfig, found: Path) -> Start:
     tc = cfg.train
     shared = ckpt.read_client_state(found)
-    step = int(shared["step"])
+    step = shared["step"]
     # A checkpoint from before the length was recorded: this run's (the old behaviour).
     schedule_steps = int(shared.get("schedule_steps", tc.steps))
     notes = []
@@ -176,6 +228,74 @@ def old_run_files(out_dir: Path) -> list[Path]:
     if (out_dir / METRICS_FILE).exists():
         held.append(out_dir / METRICS_FILE)
     return held
+
+
+def loadable(cfg: XparConfig, start: Start, engine: Any) -> tuple[Start, dict]:
+    """Collective, after the process group: the plan's checkpoint if every rank can read its
+    part (xpar.train.checkpoint.read_rank_state), else, under train.resume=auto|force, the
+    newest older complete one that every rank can; returns the plan for the checkpoint used
+    and this rank's state of it. Rank 0 says which checkpoints were passed over, one line
+    each. Nothing left, or train.resume=<dir> damaged: DamagedCheckpoint on every rank.
+    """
+    tc = cfg.train
+    fallback = tc.resume in ("auto", "force")
+    field = f"train.resume={tc.resume}" if fallback else f"train.resume={tc.resume!r}"
+    order = ckpt.complete(start.resume.parent, upto=start.resume) if fallback else []
+    order = [start.resume] + [d for d in order if d != start.resume]
+    passed: list[tuple[Path, str]] = []
+    for d in order:
+        state, what = _read_on_every_rank(engine, d)
+        if what is None:
+            break
+        if not fallback:
+            raise ckpt.DamagedCheckpoint(f"{field}: {what}", ckpt.DAMAGED_FIX)
+        passed.append((d, what))
+    else:
+        raise ckpt.DamagedCheckpoint(
+            f"{field}: no checkpoint under {start.resume.parent} loads on every rank: "
+            + "; ".join(what for _, what in passed),
+            NONE_LOADS_FIX,
+        )
+    plan = start if d == start.resume else _resume_plan(cfg, d)
+    lines = start.damaged + tuple(f"{field}: {what}; resuming {d} instead" for _, what in passed)
+    if current_rank() == 0:
+        for line in lines:
+            warnings.warn(line, XparConfigWarning, stacklevel=2)
+    return dataclasses.replace(plan, damaged=lines), state
+
+
+_READ, _DAMAGED, _REFUSED = 0, 1, 2  # one rank's outcome; the worst over the ranks decides
+
+
+def _read_on_every_rank(engine: Any, d: Path) -> tuple[dict | None, str | None]:
+    """This rank's state of checkpoint d, or (None, what is wrong on which ranks) when a rank
+    cannot read its part. One all-reduce when every rank can; a checkpoint saved with another
+    layout (not damage) raises its XparConfigError on every rank."""
+    state, what, outcome = None, None, _READ
+    try:
+        state = ckpt.read_rank_state(engine, d)
+    except ckpt.DamagedCheckpoint as e:
+        what, outcome = e.what, _DAMAGED
+    except XparConfigError as e:
+        what, outcome = str(e), _REFUSED
+    worst = torch.tensor([outcome], dtype=torch.int64, device=engine.groups.device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if int(worst.item()) == _READ:
+        return state, None
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (outcome, what))
+    if int(worst.item()) == _REFUSED:
+        raise XparConfigError(next(w for o, w in every if o == _REFUSED))
+    by_what: dict[str, list[int]] = {}
+    for r, (o, w) in enumerate(every):
+        if o == _DAMAGED:
+            by_what.setdefault(w, []).append(r)
+    said = "; ".join(f"{_ranks(rs)}: {w}" for w, rs in by_what.items())
+    return None, f"checkpoint {d.name} is damaged ({said})"
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
 def announce(start: Start) -> None:
