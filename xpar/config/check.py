@@ -9,12 +9,13 @@ status; checked here it is one line on stderr and exit status 2, and no rank sta
 
 It composes and validates exactly as the trainer does (xpar.config.store.compose_config),
 then plans the start as the trainer will (xpar.train.resume.plan_start: a finished run exits
-4, an out_dir the run may not use exits 2, each with the trainer's one line), and prints
-nothing when all is fine (exit 0): warnings are the trainer's to print, once.
+4, an out_dir the run may not use or a live run holds exits 2, each with the trainer's one
+line), and prints nothing when all is fine (exit 0): warnings are the trainer's to print, once.
 Arguments that are not overrides (Hydra flags: --cfg, --help, -m, ...) make it step aside,
 exit 0: the trainer handles them.
 
-The trainer (xpar.train.cli) ends on a config error through `exit_config_error`.
+The trainer (xpar.train.cli) ends on a config error through `exit_config_error` (before
+training; one raised while training goes through xpar.train.fatal).
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def check_start_or_exit(overrides: Sequence[str], world_size: int | None = None)
     """
     if not is_overrides(overrides):
         return
+    from xpar.train.lock import check_free
     from xpar.train.resume import plan_start, say_finished
 
     try:
-        start = plan_start(check(overrides, world_size))
+        cfg = check(overrides, world_size)
+        check_free(cfg.train.out_dir)  # a live run holds out_dir (xpar.train.lock)
+        start = plan_start(cfg)
     except XparConfigError as e:
         exit_config_error(e, rank=0)
     if start.finished and start.exit_code:
@@ -92,11 +96,11 @@ def exit_config_error(e: XparConfigError, *, rank: int | None = None) -> NoRetur
     where = "" if rank == 0 else f" (rank {rank})"
     line = f"xpar: config error{where}: {e}"
     print(line, file=sys.stderr, flush=True)
-    _tell_torchrun(line)
+    tell_torchrun(line)
     sys.exit(EXIT_CONFIG_ERROR)
 
 
-def _tell_torchrun(line: str) -> None:
+def tell_torchrun(line: str) -> None:
     # torchrun's failure report shows a worker's error file as its "traceback": with this it
     # repeats our line at the bottom of the report instead of a link to the docs.
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
