@@ -26,6 +26,7 @@ from xpar.config.check import check, exit_config_error, is_overrides
 from xpar.config.schema import XparConfig
 from xpar.config.store import CONFIG_DIR, current_rank, load_and_validate, register_configs
 from xpar.errors import XparConfigError
+from xpar.redact import redact_hydra_output
 from xpar.train import fatal, lock, phases
 from xpar.train.help import HELP_FLAGS, help_text
 from xpar.train.launcher import die_with_launcher
@@ -40,6 +41,7 @@ def _world_size() -> int:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     _console_policy(dcfg)
+    redact_hydra_output()  # Hydra wrote .hydra/ from the raw overrides: secrets out first
     phases.mark("config")  # Hydra's compose and job set-up
     from xpar.train.trainer import train
 
