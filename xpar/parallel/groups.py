@@ -152,7 +152,13 @@ def init_parallel(ep_size: int = 0, backend: str = "auto", timeout_s: int = 600)
             env.setdefault("LOCAL_RANK", "0")
         if backend == "nccl":
             torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_store(env, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            rank_ws = {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"])}
+            dist.init_process_group(backend, store=store, timeout=timeout, **rank_ws)
     else:
         backend = dist.get_backend()
     world = dist.get_world_size()
@@ -190,6 +196,23 @@ def init_parallel(ep_size: int = 0, backend: str = "auto", timeout_s: int = 600)
     )
     check_groups(groups)
     return groups
+
+
+def _restart_store(env, timeout: datetime.timedelta) -> dist.Store | None:
+    """The agent's store under this attempt's prefix, for a group torchrun restarted.
+
+    torchrun --max-restarts keeps one agent store (same port) across attempts, and torch
+    2.13's env:// rendezvous adds no attempt prefix, so a restarted group reads the dead
+    group's gloo addresses and fails with "connectFullMesh ... Connection refused". Keys
+    under `attempt<N>/` are this attempt's only. None: torch's own rendezvous (attempt 0).
+    """
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"attempt{attempt}/", client)
 
 
 def check_groups(groups: ParallelGroups) -> None:
