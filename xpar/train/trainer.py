@@ -40,7 +40,7 @@ from xpar.parallel import deepspeed as ds
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
-from xpar.train import health, phases, resume
+from xpar.train import health, lock, phases, resume
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
 from xpar.train.preempt import PreemptionWatcher
@@ -107,6 +107,7 @@ def train(cfg: XparConfig) -> TrainResult:
     startup = phases.current() or phases.start(time.time())
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(phases.stop)  # a later run in this process times itself
+        lock.hold(cfg.train.out_dir, cleanup)  # rank 0: out_dir is this run's (xpar.train.lock)
         start = resume.plan_start(cfg)  # before any process group: the same on every rank
         if start.finished:  # a finished run: nothing is built or written
             resume.say_finished(start)
@@ -265,14 +266,18 @@ def _padded_vocab(n: int, multiple: int = 64) -> int:
 
 def restore(run: Run) -> None:
     """Continue the checkpoint the start plan found (train.resume), if any: weights,
-    optimizer moments, step, data position, RNG, W&B run; hyperparameters from the config."""
+    optimizer moments, step, data position, RNG, W&B run; hyperparameters from the config.
+    One that a rank cannot read (damaged) is passed over for the newest older one that every
+    rank can (train.resume=auto|force, one line each: xpar.train.resume.loadable)."""
     if run.start.resume is None:
         return
-    run.resume_dir = run.start.resume
+    start, state = resume.loadable(run.cfg, run.start, run.engine)  # collective
+    _use_schedule(run, start.schedule_steps)
+    run.start, run.resume_dir = start, start.resume
     shared = ckpt.read_client_state(run.resume_dir)
     force = run.cfg.train.resume == "force"
     with resume.config_hyperparameters(run.engine.lr_scheduler):
-        rank_state = ckpt.load(run.engine, run.resume_dir, run=run.record, force=force)
+        rank_state = ckpt.load(run.engine, run.resume_dir, run.record, force=force, state=state)
     run.step = run.start_step = run.last_saved = shared["step"]
     run.tokens_seen = shared["tokens_seen"]
     run.result.step = run.step
@@ -280,6 +285,23 @@ def restore(run: Run) -> None:
     set_rng_state(rank_state["rng"])
     run.wandb_run_id = shared["wandb_run_id"]
     resume.announce(run.start)  # the plan's notes, once the checkpoint is accepted
+
+
+def _use_schedule(run: Run, schedule_steps: int) -> None:
+    """The engine's LR schedule has the plan's length; a checkpoint fallen back to may record
+    another (its client_state.json's schedule_steps), and the resumed run keeps that one."""
+    sched = run.engine.lr_scheduler
+    if sched is None or schedule_steps == run.start.schedule_steps:
+        return
+    o = run.cfg.optim
+    fn = make_lr_lambda(
+        schedule=o.schedule,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        warmup_steps=o.warmup_steps,
+        total_steps=schedule_steps,
+    )
+    sched.lr_lambdas = [fn] * len(sched.lr_lambdas)
 
 
 def open_run(run: Run, cleanup: contextlib.ExitStack) -> None:
