@@ -56,7 +56,7 @@ from xpar.config.schema import (
     XparConfig,
 )
 from xpar.errors import XparConfigError
-from xpar.redact import redact, to_plain
+from xpar.redact import REDACTED, looks_like_secret, redact, to_plain
 
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -252,7 +252,8 @@ def _explain(e: BaseException, overrides: list[str]) -> str:
     msg = str(e).strip()
     if cause is not e and str(cause).strip() not in msg:
         msg += f" ({str(cause).strip()})"
-    where = f" (overrides: {' '.join(overrides)})" if overrides else ""
+    shown = [REDACTED if looks_like_secret(o) else o for o in overrides]  # errors are printed
+    where = f" (overrides: {' '.join(shown)})" if overrides else ""
     full_key = getattr(cause, "full_key", None) or ""
     if isinstance(cause, MissingMandatoryValue) and full_key:
         return (
@@ -325,7 +326,8 @@ def _unparsable_message(e: OverrideParseException) -> str:
     lines = [ln for ln in str(e.message).splitlines() if ln.strip()]
     why = [ln for ln in lines if not ln.startswith(("Error parsing override", "See "))]
     return (
-        f"the override {e.override!r} cannot be parsed ({_one_line(' '.join(why)) or 'bad syntax'}); "
+        f"the override {REDACTED if looks_like_secret(e.override) else repr(e.override)} "
+        f"cannot be parsed ({_one_line(' '.join(why)) or 'bad syntax'}); "
         "write key=value, group=option, +key=value or ~key (Hydra's override grammar)"
     )
 

@@ -127,3 +127,19 @@ def test_quiet_keeps_wandbs_own_lines_off_the_console(tmp_path):
             assert "wandb:" not in text, text
         else:
             assert "wandb: Run summary:" in text  # what quiet keeps off: banner and summary
+
+
+@pytest.mark.parametrize("secret_in_argv", [False, True])
+def test_a_secret_on_the_command_line_is_not_in_the_wandb_files(
+    tmp_path, monkeypatch, secret_in_argv
+):
+    secret = "hf_" + "Q" * 34
+    arg = f"+parallel.deepspeed.comet.api_key={secret}" if secret_in_argv else "train.steps=3"
+    monkeypatch.setattr(sys, "argv", ["xpar.train", arg])
+    sink = WandbSink(LoggerConfig(project="p"), run_dir=tmp_path, config={}, run_id=None)
+    sink.log({"train/loss": 1.0}, step=1)
+    sink.finish()
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert secret.encode() not in written
+    # W&B's metadata (host, command line) is kept unless the command line holds a secret
+    assert (b"train.steps=3" in written) is not secret_in_argv

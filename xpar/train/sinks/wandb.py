@@ -8,6 +8,7 @@ W&B cannot be reached, rather than stopping the training.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xpar.config.schema import LoggerConfig
+from xpar.redact import looks_like_secret
 from xpar.train.wandb_reader import has_exit_record
 
 __all__ = ["WandbSink"]
@@ -80,8 +82,12 @@ class WandbSink:
 def _init(mode: str, kwargs: dict[str, Any], quiet: bool) -> Any:
     import wandb
 
-    if quiet:
-        kwargs = {**kwargs, "settings": wandb.Settings(silent=True)}
+    settings = {"silent": True} if quiet else {}
+    if any(looks_like_secret(a) for a in sys.argv):
+        # W&B's metadata records the command line; a secret given there must not be saved
+        settings["x_disable_meta"] = True
+    if settings:
+        kwargs = {**kwargs, "settings": wandb.Settings(**settings)}
     try:
         return wandb.init(mode=mode, **kwargs)
     except Exception as exc:  # no network / no key: keep training, log offline
