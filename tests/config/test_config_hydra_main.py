@@ -123,3 +123,19 @@ def test_the_trainer_keeps_secrets_out_of_its_files(tmp_path):
                    SECRET_OVERRIDES[0], timeout=120)  # fmt: skip
     assert p.returncode == 2 and "1 file(s) not text" in p.stderr, p.stderr
     assert (out / ".hydra" / "overrides.yaml").is_file() and _files_holding(out) == []
+
+
+def test_a_crash_prints_its_traceback_without_the_raw_overrides(tmp_path):
+    # Hydra's own report of a failed job lists the overrides as typed, secrets too; the
+    # trainer prints the traceback itself and exits 1.
+    p = run_python(
+        "-m", "xpar.train", "experiment=tiny", f"hydra.run.dir={tmp_path}/x",
+        f"train.out_dir={tmp_path}/x", "logger.wandb_mode=disabled",
+        "+parallel.deepspeed.comet.api_key=abc123xyz",
+        timeout=120, XPAR_TEST_RAISE_AFTER_STEP="1",
+    )  # fmt: skip
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "InjectedFault: XPAR_TEST_RAISE_AFTER_STEP=1" in p.stderr
+    assert "Error executing job" not in p.stderr
+    assert "abc123xyz" not in p.stdout + p.stderr
+    assert _files_holding(tmp_path) == []

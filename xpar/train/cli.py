@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -54,9 +55,22 @@ def _hydra_main(dcfg: DictConfig) -> None:
         # A config error is the user's to fix: one plain line, not Hydra's traceback; and a
         # rank that fails because another did leaves the word to that one.
         fatal.fail(e)
-        raise
+        _crashed(e)
     if result.exit_code:
         sys.exit(result.exit_code)
+
+
+def _crashed(e: Exception) -> None:
+    """This rank's own error: one line for the failures xpar names fully (a full disk, weights
+    gone bad), else the traceback; exit 1. Not Hydra's report: it prints the raw overrides."""
+    from xpar.errors import XparUnhealthyError
+    from xpar.train.checkpoint import CheckpointWriteError
+
+    if isinstance(e, (CheckpointWriteError, XparUnhealthyError)):
+        print(f"xpar: error: {e}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exc()
+    sys.exit(1)
 
 
 def _console_policy(dcfg: DictConfig) -> None:
