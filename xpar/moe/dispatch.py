@@ -20,24 +20,39 @@ import torch.distributed as dist
 from xpar.errors import XparConfigError, XparDistributedError
 from xpar.moe.experts import local_experts
 from xpar.moe.plan import RoutingPlan
+from xpar.parallel.watchdog import collective
+
+# The watchdog's names for the collectives below (made once: entering one is two list ops).
+_SHAPE_CHECK = collective("all_gather (MoE layer shape check)")
+_COUNTS = collective("all_to_all (MoE token counts)")
+_ROWS_OUT = collective("all_to_all (MoE rows to experts)")
+_ROWS_BACK = collective("all_to_all (MoE rows back from experts)")
+_GRADS_BACK = collective("all_to_all (MoE row gradients back, in backward)")
+_GRADS_OUT = collective("all_to_all (MoE output gradients to experts, in backward)")
+_LOAD_SUM = collective("all_reduce (MoE tokens per expert)")
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; the gradient travels the reverse way."""
+    """all_to_all_single with uneven splits; the gradient travels the reverse way.
+    marks: the watchdog's names of the forward and the backward exchange."""
 
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
+    def forward(ctx, x, send_splits, recv_splits, group, marks):
+        ctx.splits, ctx.group, ctx.mark = (send_splits, recv_splits), group, marks[1]
         out = x.new_empty(sum(recv_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        with marks[0]:
+            dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         send_splits, recv_splits = ctx.splits
         out = grad.new_empty(sum(send_splits), *grad.shape[1:])
-        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return out, None, None, None
+        with ctx.mark:
+            dist.all_to_all_single(
+                out, grad.contiguous(), send_splits, recv_splits, group=ctx.group
+            )
+        return out, None, None, None, None
 
 
 @dataclass
@@ -68,7 +83,8 @@ class _Pending:
         self.t, self.work = t, work
 
     def wait(self) -> torch.Tensor:
-        self.work.wait()
+        with _LOAD_SUM:
+            self.work.wait()
         return self.t
 
 
@@ -114,8 +130,9 @@ class AllToAllDispatcher:
         if x_TD.device.type != "cpu":
             mine = mine.to(x_TD.device)
         everyone = [torch.empty_like(mine) for _ in range(self.ep_size)]
-        dist.all_gather(everyone, mine, group=self.group)
-        seen = [tuple(t.tolist()) for t in everyone]
+        with _SHAPE_CHECK:
+            dist.all_gather(everyone, mine, group=self.group)
+            seen = [tuple(t.tolist()) for t in everyone]
         if len(set(seen)) != 1:
             table = ", ".join(f"rank {r}: E={e} D={d}" for r, (e, d) in enumerate(seen))
             raise XparDistributedError(
@@ -130,10 +147,12 @@ class AllToAllDispatcher:
         rows_AD = x_TD.index_select(0, plan.token_idx_A)  # sorted by expert, so by rank
         send_counts_Pe = plan.counts_E.view(P, e)
         recv_counts_Pe = torch.empty_like(send_counts_Pe)
-        dist.all_to_all_single(recv_counts_Pe, send_counts_Pe, group=self.group)
-        counts_all = torch.stack([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()
+        with _COUNTS:  # the .tolist() waits for the exchange (NCCL returns before it ends)
+            dist.all_to_all_single(recv_counts_Pe, send_counts_Pe, group=self.group)
+            counts_all = torch.stack([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()
         send_splits, recv_splits = counts_all
-        rows_RD = _AllToAll.apply(rows_AD, send_splits, recv_splits, self.group)
+        marks = (_ROWS_OUT, _GRADS_BACK)
+        rows_RD = _AllToAll.apply(rows_AD, send_splits, recv_splits, self.group, marks)
         perm_R = None
         if e > 1 and P > 1:
             # Received as [source rank][local expert]; experts want [local expert][source].
@@ -158,7 +177,8 @@ class AllToAllDispatcher:
             inv_R = torch.empty_like(state.perm_R)
             inv_R[state.perm_R] = torch.arange(state.perm_R.numel(), device=inv_R.device)
             out_RD = out_RD.index_select(0, inv_R)
-        out_AD = _AllToAll.apply(out_RD, state.recv_splits, state.send_splits, self.group)
+        marks = (_ROWS_BACK, _GRADS_OUT)
+        out_AD = _AllToAll.apply(out_RD, state.recv_splits, state.send_splits, self.group, marks)
         return combine_rows(out_AD, plan, plan.num_tokens)
 
     def start_sum_over_group(self, t: torch.Tensor) -> _Pending:

@@ -16,6 +16,9 @@ import torch.distributed as dist
 from torch import nn
 
 from xpar.parallel.groups import ParallelGroups
+from xpar.parallel.watchdog import collective
+
+_EXPERT_NORM = collective("all_reduce (expert gradient norm over the EP group)")
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
@@ -48,7 +51,8 @@ def global_grad_norm(
     dense_sq = zero if dense_sq is None else dense_sq
     expert_sq = (zero.clone() if expert_sq is None else expert_sq).to(device)
     if groups.ep_size > 1:
-        dist.all_reduce(expert_sq, group=groups.ep_group)
+        with _EXPERT_NORM:
+            dist.all_reduce(expert_sq, group=groups.ep_group)
     return (dense_sq.to(device) + expert_sq).sqrt().to(torch.float32)
 
 

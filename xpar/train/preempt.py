@@ -51,6 +51,10 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from xpar.parallel.watchdog import collective
+
+_AGREE = collective("all_reduce (stop-step agreement: preemption signal, train.max_time_s)")
+
 # sysexits.h EX_TEMPFAIL: "try again later". Used when a run stopped early
 # because of a signal and no elastic agent sits between us and the scheduler.
 EXIT_PREEMPTED = 75
@@ -210,8 +214,9 @@ class PreemptionWatcher:
         if self._distributed():
             buf = self._buffer()
             buf[0], buf[1] = code, late
-            dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
-            code, late = int(buf[0].item()), int(buf[1].item())
+            with _AGREE:  # .item() waits for the result (NCCL returns before it ends)
+                dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+                code, late = int(buf[0].item()), int(buf[1].item())
         if code == 0 and not late:
             return False
         self.stop_step, self.out_of_time = step, bool(late)
