@@ -2,11 +2,13 @@
 
 Each rank is a fresh `python tests/parallel/watchdog_ranks.py` (see there): one rank stops
 itself, the others wait in an all_to_all whose gloo timeout (120 s) is far away, so only the
-watchdog can end them. The end-to-end run under torchrun is in test_watchdog_run.py.
+watchdog can end them. The slow test stops a rank of a real torchrun training run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 
+from tests.fixtures.golden import TINY, data_overrides
 from xpar.parallel import watchdog
 from xpar.parallel.groups import free_port
 from xpar.testing.processes import LAUNCH_VARS
@@ -127,6 +131,9 @@ def test_marks_nest_and_cost_nothing_without_a_watchdog():
             wd.read_at = later  # the store answers, no peer is silent: it may be compute
             assert wd._verdict(later) is None
             wd.read_at = later - 5.5  # the store has not answered for longer than timeout_s
+            wd.has_store = False  # none to answer (MASTER_ADDR unset): only durations count
+            assert wd._verdict(later) is None
+            wd.has_store = True
             assert wd._verdict(later).startswith("in backward (test) for 6.0s")
         assert wd.current() is None and wd.entered == 2
         try:
@@ -172,3 +179,65 @@ def test_hot_path_cost_is_reported():
     off = (time.perf_counter() - t0) / n
     print(f"watchdog mark: {on * 1e9:.0f} ns per collective active, {off * 1e9:.0f} ns inactive")
     assert wd.entered == n and not wd.marks
+
+
+# --------------------------------------------------------------------------- under torchrun
+
+
+def worker_pid(torchrun: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (its direct child), if it runs yet."""
+    for child in Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+def metrics_step(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    rows = path.read_text().splitlines() if path.exists() else []
+    return max((json.loads(x)["step"] for x in rows if x.endswith("}")), default=0)
+
+
+def stop_rank_1_mid_run(job: subprocess.Popen, out: Path, console: Path) -> list[int]:
+    """SIGSTOP rank 1 once a few steps are written; returns the workers' pids."""
+    deadline = time.monotonic() + 120
+    while metrics_step(out) < 3:
+        assert job.poll() is None and time.monotonic() < deadline, console.read_text()[-3000:]
+        time.sleep(0.05)
+    workers = [worker_pid(job, 0), worker_pid(job, 1)]
+    os.kill(workers[1], signal.SIGSTOP)
+    return workers
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_a_torchrun_job_within_30s(tmp_path):
+    out, console = tmp_path / "run", tmp_path / "console.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "xpar.train", f"train.out_dir={out}", *TINY, *data_overrides(tmp_path / "c")]
+    cmd += ["train.steps=500", "train.eval_every=1000", "train.ckpt_every=1000"]
+    cmd += ["parallel.timeout_s=10"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env["OMP_NUM_THREADS"] = "1"
+    workers: list = []
+    with open(console, "w") as log:
+        job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            workers = stop_rank_1_mid_run(job, out, console)
+            stopped_at = time.monotonic()
+            job.wait(timeout=60)
+            took = time.monotonic() - stopped_at
+        finally:  # workers run in sessions of their own: kill each, a stopped one too
+            for pid in [job.pid, *workers]:
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(pid, signal.SIGKILL)
+            job.wait()
+    text = console.read_text()
+    print(f"SIGSTOP of rank 1 to the end of torchrun: {took:.1f}s")
+    assert job.returncode != 0 and took < 30, text[-3000:]
+    (line,) = timeout_lines(text)
+    for part in ("on rank 0 ", "at step ", "did not arrive: rank 1 (", "stopped or hung; killed"):
+        assert part in line, line

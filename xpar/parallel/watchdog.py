@@ -7,17 +7,19 @@ follows with SIGKILL only 30 s later (torch.distributed.elastic.multiprocessing.
 `_close(death_sig, timeout=30)`). So every rank keeps a watch of its own:
 
 - `with collective("all_to_all (MoE rows to experts)"):` around a blocking collective
-  marks it (a few attribute writes; nothing leaves the process). `with waiting_in(...)`
+  marks it (a clock read and a list append; nothing leaves the process). `with waiting_in(...)`
   marks a call that contains collectives xpar cannot name (DeepSpeed's backward and step):
   time spent there may be compute, so only a silent peer counts against it. Marks nest.
 - A heartbeat thread writes this rank's heartbeat (host, pid, step, marks entered, the
   current mark) to the job store (xpar.parallel.store) every poll (1 s, less for a short
-  timeout), and while this rank waits, reads its peers'. A stopped process's thread stops
+  timeout) and at each new step, and while this rank waits, reads its peers'. A stopped process's thread stops
   with it, so its heartbeat goes stale.
 - A checker thread, never blocked by the store, fires when this rank has been in one
   `collective` for more than timeout_s, or in any mark while a peer's heartbeat has not
   changed for timeout_s, or in a mark for timeout_s while the store has not answered for
-  as long (the rank that hosts it may be the hung one).
+  as long (the rank that hosts it may be the hung one). A marked collective that raises
+  (the backend's own timeout, or a peer gone because another rank's watchdog fired) ends
+  the same way, as `with Watchdog(...)` exits.
 
 Firing prints one line on stderr naming the collective, the step, this rank and the ranks
 that did not arrive (no fresh heartbeat, or not yet at this collective) with their host,
@@ -26,10 +28,12 @@ others a short line. It SIGKILLs the non-arriving ranks on this machine (so the 
 need not wait out its grace period) and exits with EXIT_COLLECTIVE_TIMEOUT.
 
 Margin: a rank fires within timeout_s + one poll (<= 1 s) and exits a few ms later when the
-store answers; within timeout_s + poll + 2.5 s when it does not (the line states the sum). Peer silence is measured by this rank's own clock (a heartbeat counter
-that stopped changing), so hosts' clocks need not agree. On NCCL a collective returns
-before it completes: the hang then shows in the first marked collective that waits for the
-result (and torch's NCCL watchdog enforces the timeout of every group created with it).
+store answers; within timeout_s + poll + 2.5 s when it does not (the line states the sum).
+A peer's silence is timed by this rank's clock (its heartbeat counter stopped changing)
+from the first read on, by the heartbeat's own timestamp before that: hosts' clocks must
+agree to well under timeout_s, as NTP keeps them. On NCCL a collective returns before it
+completes: the hang then shows in the first marked collective that waits for the result
+(and torch's NCCL watchdog enforces the timeout of every group created with it).
 """
 
 from __future__ import annotations
@@ -90,10 +94,11 @@ def waiting_in(name: str) -> Collective:
 
 
 def note_step(step: int) -> None:
-    """The training step, for the heartbeat and the line."""
+    """The training step, for the heartbeat (written at once) and the line."""
     wd = _active
     if wd is not None:
         wd.step = step
+        wd.wake.set()
 
 
 def _machine() -> str:
@@ -184,9 +189,11 @@ class Watchdog:
         self.peers: dict[int, Seen] = {}  # replaced whole by the heartbeat thread
         self.read_at = monotonic()  # last store read that answered
         self._stop = threading.Event()
+        self.wake = threading.Event()  # a new step: beat now
         self._firing = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._store = None  # the heartbeat thread's client
+        self.has_store = "MASTER_ADDR" in os.environ  # else no heartbeats: durations only
         self.me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -226,6 +233,7 @@ class Watchdog:
         if _active is self:
             _active = None
         self._stop.set()
+        self.wake.set()
         if self._threads:  # join the checker; the heartbeat thread may be in store I/O
             self._threads[-1].join(timeout=2 * self.poll_s)
 
@@ -249,7 +257,9 @@ class Watchdog:
                         self._observe(read_heartbeats(store, self.world_size, self.rank))
             except Exception:  # a store that failed once gets a new client next time
                 store = None
-            self._stop.wait(self.poll_s)
+            self.wake.wait(self.poll_s)
+            self.wake.clear()
+            self._stop.wait(0.05)  # at most 20 heartbeats a second
 
     def _heartbeat(self, seq: int) -> dict:
         mark = self.current()
@@ -263,9 +273,11 @@ class Watchdog:
         }
 
     def _observe(self, beats: dict[int, dict]) -> None:
-        now, peers = monotonic(), dict(self.peers)
+        now, wall, peers = monotonic(), time.time(), dict(self.peers)
         for r, info in beats.items():
-            if r not in peers or peers[r].info["seq"] != info["seq"]:
+            if r not in peers:  # first sight: its age by its own clock, ours from now on
+                peers[r] = Seen(info, now - max(0.0, wall - info["time"]))
+            elif peers[r].info["seq"] != info["seq"]:
                 peers[r] = Seen(info, now)
         self.peers, self.read_at = peers, now
 
@@ -295,7 +307,7 @@ class Watchdog:
                 f"in {name} for {waited:.1f}s, rank {r} sent no heartbeat for {age:.1f}s "
                 f"(parallel.timeout_s={t:g})"
             )
-        if waited > t and now - self.read_at > t:
+        if self.has_store and waited > t and now - self.read_at > t:
             return f"in {name} for {waited:.1f}s (parallel.timeout_s={t:g})"
         return None
 
@@ -339,7 +351,9 @@ class Watchdog:
     def _line(self, reason: str, missing: list[Missing] | None, first: int | None) -> str:
         me = f"rank {self.rank} (host {self.me['host']}, pid {self.me['pid']})"
         head = f"{PREFIX} on {me} at step {self.step}: {reason}"
-        if missing is None:
+        if missing is None and not self.has_store:
+            who = "which ranks did not arrive is unknown (no job store: MASTER_ADDR is unset)"
+        elif missing is None:
             addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             who = (
                 f"which ranks did not arrive is unknown: the job store at {addr} does not "
