@@ -165,18 +165,20 @@ def init_parallel(ep_size: int = 0, backend: str = "auto", timeout_s: int = 600)
     rank = dist.get_rank()
     ep = resolve_ep_size(ep_size, world)
 
-    # new_group is collective: every rank creates every group, in the same order
+    # new_group is collective: every rank creates every group, in the same order. Without a
+    # timeout of their own, torch gives subgroups its 30-minute gloo default.
+    pg_timeout = datetime.timedelta(seconds=timeout_s)
     ep_group = expert_dp_group = None
     ep_ranks = edp_ranks = None
     for ranks in ep_group_ranks(world, ep):
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=pg_timeout)
         if rank in ranks:
             ep_group, ep_ranks = g, ranks
     for ranks in expert_dp_group_ranks(world, ep):
-        g = dist.new_group(ranks)
+        g = dist.new_group(ranks, timeout=pg_timeout)
         if rank in ranks:
             expert_dp_group, edp_ranks = g, ranks
-    dp_group = dist.new_group(list(range(world)))
+    dp_group = dist.new_group(list(range(world)), timeout=pg_timeout)
     assert ep_group is not None and expert_dp_group is not None
 
     groups = ParallelGroups(

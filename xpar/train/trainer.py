@@ -37,6 +37,7 @@ from xpar.models import MoETransformer
 from xpar.models.config import ModelConfig
 from xpar.models.cost import describe_cost, flops_per_token
 from xpar.parallel import deepspeed as ds
+from xpar.parallel import watchdog
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
@@ -130,6 +131,7 @@ def train(cfg: XparConfig) -> TrainResult:
         run.watcher.limit_time(cfg.train.max_time_s)  # train.max_time_s counts from here
         while run.step < cfg.train.steps:
             run.step += 1
+            watchdog.note_step(run.step)
             loss, auxes = train_step(run)
             first = run.step == run.start_step + 1
             if first:
@@ -221,6 +223,9 @@ def _init_groups(cfg: XparConfig, cleanup: contextlib.ExitStack) -> ParallelGrou
         cleanup.callback(dist.destroy_process_group)
         env = (int(os.environ.get("RANK", "0")), world_env)
     assert (groups.rank, groups.world_size) == env, "launcher env disagrees with the process group"
+    if groups.world_size > 1:  # a hung rank ends the job in parallel.timeout_s (stops first)
+        t = cfg.parallel.timeout_s
+        cleanup.enter_context(watchdog.Watchdog(groups.rank, groups.world_size, t))
     return groups
 
 
@@ -340,7 +345,8 @@ def _announce(run: Run) -> None:
     # Every rank built or loaded the cache before the process group: ask them who built it.
     mine = torch.tensor([float(not st.cache_hit), st.build_s], dtype=torch.float64)
     every = [torch.empty_like(mine, device=run.device) for _ in range(g.world_size)]
-    dist.all_gather(every, mine.to(run.device))
+    with watchdog.collective("all_gather (who built the data cache)"):
+        dist.all_gather(every, mine.to(run.device))
     build_s = [float(t[1]) if t[0] else None for t in every]
     say(f"data: {st.summary()}; {describe_cache(build_s)}")
     if run.resume_dir is not None:
@@ -348,6 +354,11 @@ def _announce(run: Run) -> None:
 
 
 # --------------------------------------------------------------------------- one step
+
+# The watchdog's names (xpar.parallel.watchdog) for the collectives of every step.
+_BACKWARD = watchdog.waiting_in("backward (MoE all_to_all, DeepSpeed gradient reduction)")
+_OPTIMIZER_STEP = watchdog.waiting_in("optimizer step (DeepSpeed: gradient norm, ZeRO)")
+_SUM_OVER_RANKS = watchdog.collective("all_reduce (loss, step health, MoE metrics or val loss)")
 
 
 def _autocast(run: Run):
@@ -369,7 +380,8 @@ def train_step(run: Run) -> tuple[float, list]:
             ce = ce * float("nan")
         aux = sum((a.loss for a in auxes), ce.new_zeros(()))
         total = ce + aux
-        run.engine.backward(total)
+        with _BACKWARD:
+            run.engine.backward(total)
         ce_sum += ce.item()
         loss_sum += total.item()
     verdict, name = health.OK, None
@@ -386,9 +398,12 @@ def train_step(run: Run) -> tuple[float, list]:
     bad = None
     if any(verdicts):
         names = [None] * run.groups.world_size
-        dist.all_gather_object(names, name)  # only on a bad step: which tensor, for the line
+        with watchdog.collective("all_gather_object (a bad step's tensor names)"):
+            dist.all_gather_object(names, name)  # only on a bad step: which tensor, for the line
         bad = health.describe(verdicts, names)
-    if not run.engine.step(skip=bad is not None) and bad is None:
+    with _OPTIMIZER_STEP:
+        stepped = run.engine.step(skip=bad is not None)
+    if not stepped and bad is None:
         bad = health.describe([], [])  # DeepSpeed's overflow check skipped it
     run.tokens_seen += run.tokens_per_step
     run.result.losses[run.step] = loss
@@ -476,7 +491,8 @@ def save(run: Run) -> None:
             f"is written (`latest` still names step {run.last_saved})"
         )
     d = ckpt.step_dir(root, step)
-    ckpt.save(run.engine, d, client_state={"rng": rng_state()})  # ends with a barrier
+    with watchdog.waiting_in(f"checkpoint {step} save (DeepSpeed, ends with a barrier)"):
+        ckpt.save(run.engine, d, client_state={"rng": rng_state()})
     if run.groups.rank == 0:
         ckpt.write_client_state(
             d,
@@ -493,7 +509,8 @@ def save(run: Run) -> None:
         run.faults.before_publish(step)
         ckpt.publish(root, step)
         ckpt.prune(root, run.cfg.train.keep_checkpoints)
-    dist.barrier()
+    with watchdog.collective(f"barrier (checkpoint {step} published)"):
+        dist.barrier()
     run.result.checkpoint, run.last_saved = str(d), step
 
 
@@ -542,7 +559,8 @@ def finish(run: Run, startup: phases.PhaseTimer, t_loop: float) -> TrainResult:
     run.watcher.requeue_if_slurm()
     run.watcher.uninstall()
     res.exit_code = health.EXIT_UNHEALTHY if run.health.stop_reason else run.watcher.exit_code()
-    dist.barrier()
+    with watchdog.collective("barrier (end of run)"):
+        dist.barrier()
     return res
 
 
@@ -556,5 +574,6 @@ def _mean_over_ranks(values: list[float], device) -> list[float]:
 
 def _sum_over_ranks(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    with _SUM_OVER_RANKS:  # .tolist() waits for the result (NCCL returns before it ends)
+        dist.all_reduce(t)
+        return t.tolist()
