@@ -69,17 +69,38 @@ fi
 # Console scripts of the venv (hadolint, shellcheck, torchrun) without activating it.
 export PATH="$VENV/bin:$PATH"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# pytest, where "no tests collected" (exit 5) fails on purpose rather than passing quietly.
+run_pytest() {
+  local rc=0
+  "$VENV/bin/python" -m pytest "$@" || rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests ($*): failing on purpose" >&2
+    return 1
+  fi
+  return "$rc"
+}
+
 case "$cmd" in
   test)
-    set +e
-    "$VENV/bin/python" -m pytest "$@"
-    rc=$?
-    set -e
-    if [ "$rc" -eq 5 ]; then
-      echo "pytest collected no tests: failing on purpose" >&2
+    # With no arguments: the default tests, then the slow ones (real multi-rank runs and
+    # fault injection), each stage timed; with arguments, pytest with those arguments.
+    if [ "$#" -gt 0 ]; then
+      rc=0
+      run_pytest "$@" || rc=$?
+      exit "$rc"
+    fi
+    t0=$SECONDS
+    rc_default=0
+    run_pytest -m "not slow" || rc_default=$?
+    t1=$SECONDS
+    rc_slow=0
+    run_pytest -m slow || rc_slow=$?
+    echo "launch/dev.sh test: default tests $((t1 - t0))s (exit $rc_default)," \
+      "slow tests $((SECONDS - t1))s (exit $rc_slow)" >&2
+    if [ "$rc_default" -ne 0 ] || [ "$rc_slow" -ne 0 ]; then
       exit 1
     fi
-    exit "$rc"
+    exit 0
     ;;
   train)
     # One line and exit 2 (a bad config) or 4 (nothing to do) before torchrun starts a rank.

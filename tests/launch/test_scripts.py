@@ -80,7 +80,9 @@ def test_plain_torchrun_shows_rank_0s_line_first_and_names_it_as_the_root_cause(
     comes first and is repeated as the root cause's traceback."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "xpar.train", "experiment=tiny", "train.stpes=3"]  # fmt: skip
-    p = subprocess.run(cmd, env=_launch_env(), capture_output=True, text=True, timeout=120)
+    # OMP_NUM_THREADS set, as dev.sh sets it: else torchrun's own banner comes first
+    env = {**_launch_env(), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, p.stderr
     assert p.stderr.splitlines()[0] == TYPO, p.stderr
     assert p.stderr.count(TYPO) == 2, p.stderr  # rank 0's line, and in torchrun's report

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmUnavailable, down, slurm_env, up
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO / "launch" / "slurm.sbatch"
