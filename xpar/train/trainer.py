@@ -122,6 +122,7 @@ def train(cfg: XparConfig) -> TrainResult:
         startup.mark("restore")
         open_run(run, cleanup)
         startup.mark("monitor")
+        watchdog.note_step(run.step)  # a resumed run's evaluation is at its step, not 0
         run.result.val_loss_before = evaluate(run)
         run.monitor.log_val(run.step, run.result.val_loss_before)
         run.monitor.print(f"val loss before: {run.result.val_loss_before:.4f}")
