@@ -35,7 +35,10 @@ REPO = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO / "launch" / "slurm.sbatch"
 STANDIN = Path(__file__).resolve().parent / "standin_train.py"
 TRAINER = "-m xpar.train"
-TINY_STEPS = 6  # conf/experiment/tiny.yaml
+# experiment=tiny trained long enough (a few seconds) that a signal sent after step 2
+# always lands before the last step; at tiny's own 6 steps it sometimes came too late.
+TINY_STEPS = 40
+TINY = ("experiment=tiny", f"train.steps={TINY_STEPS}")
 STANDIN_STEPS = 40
 DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
 
@@ -161,7 +164,7 @@ def timelimit_job(cluster):
 @pytest.fixture(scope="session")
 def reference(cluster, timelimit_job):
     """An uninterrupted tiny run of the trainer: (job id, scontrol record, log)."""
-    jid = cluster.sbatch("ref", TRAINER, "experiment=tiny", opts=("--time=10",))
+    jid = cluster.sbatch("ref", TRAINER, *TINY, opts=("--time=10",))
     info = cluster.wait(jid, "ref", timeout=240)
     return jid, info, cluster.log("ref", jid)
 
@@ -195,7 +198,7 @@ def test_batch_job_completes(cluster, reference):
 
 def test_warning_signal_saves_requeues_and_resumes(cluster, reference):
     c = cluster
-    jid = c.sbatch("pre", TRAINER, "experiment=tiny", opts=("--time=10",))
+    jid = c.sbatch("pre", TRAINER, *TINY, opts=("--time=10",))
     rd = c.run_dir("pre", jid)
 
     def trained_two_steps(info):

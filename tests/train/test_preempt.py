@@ -200,3 +200,19 @@ def test_env_and_bad_values(monkeypatch):
         parse_signal("USR9")
     with pytest.raises(ValueError, match="check_every"):
         PreemptionWatcher(check_every=0, install=False)
+
+
+@pytest.mark.slow
+def test_a_warning_during_the_last_step_completes_the_run_without_a_requeue(tmp_path):
+    from tests.fixtures import golden
+
+    flag, request = tmp_path / "preempt.flag", tmp_path / "requeue.json"
+    flag.touch()  # the warning came; with train.steps=1 the last step is the only one
+    env = {"XPAR_PREEMPT_FLAG": str(flag), "XPAR_REQUEUE_FILE": str(request), "SLURM_JOB_ID": "7"}
+    p = golden.torchrun(
+        tmp_path / "run",
+        golden.TINY + golden.data_overrides(tmp_path / "cache") + ["train.steps=1"],
+        env=env,
+    )
+    assert "SIGUSR1 came during the last step: the run is complete, no requeue" in p.stdout
+    assert not request.exists()  # a requeue would find nothing to do and fail the job

@@ -557,12 +557,27 @@ def finish(run: Run, startup: phases.PhaseTimer, t_loop: float) -> TrainResult:
     log = warning_log.active()
     if log is not None:
         mon.print_warnings(log.lines(), warning_log.PREFIX)
-    run.watcher.requeue_if_slurm()
+    res.exit_code = _exit_code(run)
     run.watcher.uninstall()
-    res.exit_code = health.EXIT_UNHEALTHY if run.health.stop_reason else run.watcher.exit_code()
     with watchdog.collective("barrier (end of run)"):
         dist.barrier()
     return res
+
+
+def _exit_code(run: Run) -> int:
+    """Requeue if a scheduler signal stopped the run early; a run that reached train.steps is
+    done, even when the signal came during its last step (no requeue: nothing is left)."""
+    if run.health.stop_reason:
+        return health.EXIT_UNHEALTHY
+    if run.step >= run.cfg.train.steps:
+        if run.watcher.received is not None:
+            run.monitor.print(
+                f"{run.watcher.received.name} came during the last step: the run is complete, "
+                "no requeue"
+            )
+        return 0
+    run.watcher.requeue_if_slurm()
+    return run.watcher.exit_code()
 
 
 def _mean(values: list[float]) -> float | None:
