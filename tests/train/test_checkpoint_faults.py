@@ -20,7 +20,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -352,14 +351,13 @@ def _tree(pid: int) -> list[int]:
 def test_killing_the_whole_2_rank_job_while_it_saves_leaves_latest_loadable(tmp_path):
     out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     overrides = _base(tmp_path, "train.steps=100000", "train.ckpt_every=1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    cmd += ["2", "-m", "xpar.train", f"train.out_dir={out}", *overrides]
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    cmd = golden.torchrun_cmd(out, overrides)
+    env = golden.launch_env()
     rng = random.Random(1)
     for _ in range(2):
         before = pointer(root)
         job = subprocess.Popen(
-            cmd, env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+            cmd, env=env, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         t0 = time.monotonic()

@@ -4,7 +4,6 @@ latest checkpoint and ends on exactly the loss of a run that was never interrupt
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,22 +48,8 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_on_the_uninterrupted_loss(t
     want = golden.losses(straight)
 
     out = tmp_path / "restarted"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--max-restarts",
-        "1",
-        "-m",
-        "xpar.train",
-        f"train.out_dir={out}",
-        *overrides,
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    env["OMP_NUM_THREADS"] = "1"
+    cmd = golden.torchrun_cmd(out, overrides, launcher_args=("--max-restarts", "1"))
+    env = golden.launch_env()
     p = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

@@ -66,21 +66,6 @@ def test_a_worker_dies_with_its_parent():
     assert p.stdout == "False\n", p.stderr
 
 
-def _torchrun_cmd(out: Path, overrides: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "xpar.train",
-        f"train.out_dir={out}",
-        *overrides,
-    ]
-
-
 def _rows(out: Path) -> int:
     path = out / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -95,11 +80,10 @@ def _saved(out: Path) -> list[str]:
 def test_killing_torchrun_stops_its_workers_and_the_next_run_takes_over(tmp_path):
     out = tmp_path / "run"
     base = [*golden.TINY[:-1], *golden.data_overrides(tmp_path / "cache"), "train.eval_every=1000"]
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = golden.launch_env()
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
-            _torchrun_cmd(out, [*base, "train.steps=400", "train.ckpt_every=2"]),
+            golden.torchrun_cmd(out, [*base, "train.steps=400", "train.ckpt_every=2"]),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
