@@ -36,6 +36,7 @@ from xpar.errors import XparUnhealthyError
 from xpar.models import MoETransformer
 from xpar.models.config import ModelConfig
 from xpar.models.cost import describe_cost, flops_per_token
+from xpar.moe import MoELayer
 from xpar.parallel import deepspeed as ds
 from xpar.parallel import watchdog
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
@@ -371,7 +372,7 @@ def train_step(run: Run) -> tuple[float, list]:
     last micro-batch's MoE reports. A step whose loss or gradients are not finite on any
     rank is skipped on every rank (xpar.train.health)."""
     accum, rank = run.cfg.train.grad_accum, run.groups.rank
-    loss_sum, ce_sum, auxes = 0.0, 0.0, []
+    loss_sum, ce_sum, auxes, loads = 0.0, 0.0, [], None
     for _ in range(accum):
         x, y = (t.to(run.device) for t in run.data.train.next_batch())
         with _autocast(run):
@@ -383,6 +384,7 @@ def train_step(run: Run) -> tuple[float, list]:
         total = ce + aux
         with _BACKWARD:
             run.engine.backward(total)
+        loads = _add_loads(loads, auxes)
         ce_sum += ce.item()
         loss_sum += total.item()
     verdict, name = health.OK, None
@@ -406,6 +408,8 @@ def train_step(run: Run) -> tuple[float, list]:
         stepped = run.engine.step(skip=bad is not None)
     if not stepped and bad is None:
         bad = health.describe([], [])  # DeepSpeed's overflow check skipped it
+    if stepped:
+        _after_optimizer_step(run, loads)
     run.tokens_seen += run.tokens_per_step
     run.result.losses[run.step] = loss
     line = run.health.record(run.step, loss, bad)
@@ -414,6 +418,27 @@ def train_step(run: Run) -> tuple[float, list]:
     if run.groups.rank == 0:
         run.drops.record([a.dropped_fraction.item() for a in auxes])
     return loss, auxes
+
+
+def _add_loads(loads: list | None, auxes: list) -> list:
+    # Assignments per expert of every MoE layer (already summed over the EP group).
+    now = [a.tokens_per_expert.detach() for a in auxes]
+    return now if loads is None else [a + b for a, b in zip(loads, now, strict=True)]
+
+
+def _after_optimizer_step(run: Run, loads: list | None) -> None:
+    """The routers' balance state (e.g. the aux-loss-free bias) moves once per applied step,
+    from the step's load over every rank: one all-reduce over the expert-DP group (the EP
+    group's sum is in the MoE report already), only when a router keeps such state."""
+    routers = [m.router for m in run.engine.module.modules() if isinstance(m, MoELayer)]
+    if not loads or not any(r.updates_after_step for r in routers):
+        return
+    load_LE = torch.stack(loads).to(device=run.device, dtype=torch.float64)
+    if run.groups.expert_dp_size > 1:
+        with watchdog.collective("all_reduce (expert load for the routers' balance state)"):
+            dist.all_reduce(load_LE, group=run.groups.expert_dp_group)
+    for router, load_E in zip(routers, load_LE, strict=True):
+        router.after_optimizer_step(load_E)
 
 
 def log_step(run: Run, loss: float, auxes: list) -> None:

@@ -114,7 +114,7 @@ def test_a_new_router_is_one_module_and_one_config_file(hash_router, tmp_path):
 
 def test_routers_without_options_refuse_any(tmp_path):
     with pytest.raises(XparConfigError, match=r"moe\.router_options\.x is not an option.*none"):
-        MoEConfig(router_options={"x": 1})
+        MoEConfig(router="expert_choice", router_options={"x": 1})
 
 
 def test_registry_imports_every_module_of_its_package(tmp_path):

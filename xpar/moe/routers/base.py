@@ -39,6 +39,16 @@ class Router(nn.Module):
     def reset_parameters(self, std: float) -> None:
         """Re-draw this router's parameters (the model calls it in its init order)."""
 
+    @property
+    def updates_after_step(self) -> bool:
+        """Whether this router keeps balance state that `after_optimizer_step` updates."""
+        return False
+
+    def after_optimizer_step(self, load_E: torch.Tensor) -> None:
+        """Update balance state held outside the gradient (buffers, saved in the checkpoint)
+        once per applied optimizer step. `load_E`: the step's assignments per expert summed
+        over every rank and micro-batch, the same on every rank, so the state stays identical."""
+
     def forward(
         self,
         x_TD: torch.Tensor,
