@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from xpar.parallel.groups import free_port
+from xpar.train.lock import pid_alive
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "munged"]
@@ -120,16 +121,6 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
 def slurm_env(root: Path) -> dict[str, str]:
     return dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_pid(path: Path) -> int | None:
@@ -238,11 +229,11 @@ def down(root: Path) -> None:
         ("munged", root / "run" / "munged.pid"),
     ):
         pid = _read_pid(pidfile)
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not pid_alive(pid):
             continue
         os.kill(pid, signal.SIGTERM)
         for _ in range(100):
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 break
             time.sleep(0.1)
         else:

@@ -62,7 +62,8 @@ def pid_start(pid: int) -> str:
     return fields[19] if len(fields) > 19 and fields[0] != "Z" else ""
 
 
-def _pid_alive(pid: int, start: str) -> bool:
+def pid_alive(pid: int, start: str = "") -> bool:
+    """Whether process `pid` lives (not a zombie; with `start`, not a reused pid)."""
     if Path("/proc/self/stat").exists():
         now = pid_start(pid)
         return bool(now) and (not start or now == start)  # a zombie or a reused pid: gone
@@ -141,7 +142,7 @@ def stale_reason(held: Holder | None, age_s: float, me: Holder) -> str | None:
     if held is None:
         return f"an unreadable lock untouched for {age_s:.0f}s" if age_s > STALE_S else None
     if held.same_machine(me):
-        if not _pid_alive(held.pid, held.pid_start):
+        if not pid_alive(held.pid, held.pid_start):
             return f"its process {held.pid} is gone"
         return None
     if held.slurm_job_id and held.slurm_job_id == me.slurm_job_id:
