@@ -34,6 +34,7 @@ from tests.parallel.parallel_toy import (
 from xpar.errors import XparConfigError
 from xpar.testing import run_distributed
 from xpar.train import checkpoint as ckpt
+from xpar.train import resume_guard
 
 STAGES = (0, 1, 2)
 FIXTURE_STEP = golden.CKPT_FIXTURE / "step_00000002"
@@ -216,7 +217,7 @@ def test_run_record_is_what_client_state_records():
     from xpar.data.tokenizer import ByteTokenizer
 
     cfg = compose_config(["experiment=tiny"], world_size=1, cuda_available=False)
-    rec = ckpt.run_record(cfg, cfg.model, ByteTokenizer())
+    rec = resume_guard.run_record(cfg, cfg.model, ByteTokenizer())
     assert sorted(rec) == ["model", "tokenizer", "training"]
     assert sorted(rec["model"]) == ["model", "moe"]
     assert sorted(rec["training"]) == ["data", "optim", "parallel", "train"]

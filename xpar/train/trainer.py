@@ -7,7 +7,8 @@ train(cfg) -> TrainResult, on every rank, is an outline of named steps:
     restore         the checkpoint the plan found, if any
     open            monitor (console, W&B, metrics.jsonl) and the preemption watcher
     evaluate        validation loss before training
-    loop            step -> log -> evaluate -> save -> stop on a signal or train.max_time_s
+    loop            step (xpar.train.step) -> log -> evaluate -> save -> stop on a signal,
+                    train.max_time_s or train.max_bad_steps
     finish          final evaluation, summary, requeue if preempted
 
 Whatever happens, the cleanup registered while building (W&B, signal handlers, the
@@ -42,13 +43,14 @@ from xpar.parallel import watchdog
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
-from xpar.train import health, lock, phases, resume
+from xpar.train import health, lock, phases, resume, resume_guard
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
 from xpar.train.preempt import PreemptionWatcher
 from xpar.train.rng import rng_state, seed_everything, set_rng_state
 from xpar.train.schedule import make_lr_lambda
 from xpar.train.sinks import warning_log
+from xpar.train.step import autocast, log_step, mean_over_ranks, sum_over_ranks, train_step
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Run:
     start: resume.Start  # resume, init_from or fresh; the LR schedule's length
     health: health.StepHealth  # bad steps in a row; why the run must stop
     drops: health.DropWatch  # warns once when routing drops most tokens
+    # Every MoE layer's router when one keeps balance state (after_optimizer_step), else none.
+    stateful_routers: list = field(default_factory=list)
     monitor: Monitor | None = None
     watcher: PreemptionWatcher | None = None
     val_batches: list = field(default_factory=list)
@@ -176,7 +180,7 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
     # Same seed on every rank, so dense params agree and experts are sliced consistently.
     torch.manual_seed(tc.seed)
     model = MoETransformer(model_cfg, cfg.moe, ep_group=groups.ep_group)
-    record = ckpt.run_record(cfg, model_cfg, data.tokenizer)
+    record = resume_guard.run_record(cfg, model_cfg, data.tokenizer)
     if start.init_from is not None:  # weights only, before the engine copies them
         source = ckpt.load_weights(model, start.init_from, groups, run=record)
         if groups.rank == 0:
@@ -200,7 +204,13 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         start=start,
         health=health.StepHealth(tc.max_bad_steps, health.max_loss_for(tc.max_loss, vocab)),
         drops=health.DropWatch(cfg.moe.capacity_factor),
+        stateful_routers=_stateful_routers(model),
     )
+
+
+def _stateful_routers(model) -> list:
+    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+    return routers if any(r.updates_after_step for r in routers) else []
 
 
 def _build_data(cfg: XparConfig) -> DataBundle:
@@ -355,129 +365,6 @@ def _announce(run: Run) -> None:
         say(f"resumed from {run.resume_dir} at step {run.step}")
 
 
-# --------------------------------------------------------------------------- one step
-
-# The watchdog's names (xpar.parallel.watchdog) for the collectives of every step.
-_BACKWARD = watchdog.waiting_in("backward (MoE all_to_all, DeepSpeed gradient reduction)")
-_OPTIMIZER_STEP = watchdog.waiting_in("optimizer step (DeepSpeed: gradient norm, ZeRO)")
-_SUM_OVER_RANKS = watchdog.collective("all_reduce (loss, step health, MoE metrics or val loss)")
-
-
-def _autocast(run: Run):
-    return torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32)
-
-
-def train_step(run: Run) -> tuple[float, list]:
-    """grad_accum micro-batches, one optimizer step; returns the global mean loss and the
-    last micro-batch's MoE reports. A step whose loss or gradients are not finite on any
-    rank is skipped on every rank (xpar.train.health)."""
-    accum, rank = run.cfg.train.grad_accum, run.groups.rank
-    loss_sum, ce_sum, auxes, loads = 0.0, 0.0, [], None
-    for _ in range(accum):
-        x, y = (t.to(run.device) for t in run.data.train.next_batch())
-        with _autocast(run):
-            logits, auxes = run.engine(x)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        if run.faults.loss_is_nan(rank, run.step):
-            ce = ce * float("nan")
-        aux = sum((a.loss for a in auxes), ce.new_zeros(()))
-        total = ce + aux
-        with _BACKWARD:
-            run.engine.backward(total)
-        loads = _add_loads(loads, auxes)
-        ce_sum += ce.item()
-        loss_sum += total.item()
-    verdict, name = health.OK, None
-    if not math.isfinite(loss_sum):
-        verdict, name = health.BAD_LOSS, "the loss"
-    elif not run.engine.zero_stage:  # ZeRO 1/2 hold reduced gradients in their partitions
-        name = health.first_nonfinite_grad(run.engine.module)
-        verdict = health.OK if name is None else health.BAD_GRADS
-    # One all-reduce: the mean loss and every rank's verdict in its own slot.
-    slots = [0.0] * run.groups.world_size
-    slots[rank] = float(verdict)
-    reduced = _sum_over_ranks([ce_sum / accum, *slots], run.device)
-    loss, verdicts = reduced[0] / run.groups.world_size, [int(v) for v in reduced[1:]]
-    bad = None
-    if any(verdicts):
-        names = [None] * run.groups.world_size
-        with watchdog.collective("all_gather_object (a bad step's tensor names)"):
-            dist.all_gather_object(names, name)  # only on a bad step: which tensor, for the line
-        bad = health.describe(verdicts, names)
-    with _OPTIMIZER_STEP:
-        stepped = run.engine.step(skip=bad is not None)
-    if not stepped and bad is None:
-        bad = health.describe([], [])  # DeepSpeed's overflow check skipped it
-    if stepped:
-        _after_optimizer_step(run, loads)
-    run.tokens_seen += run.tokens_per_step
-    run.result.losses[run.step] = loss
-    line = run.health.record(run.step, loss, bad)
-    if line is not None:
-        run.monitor.print(line)
-    if run.groups.rank == 0:
-        run.drops.record([a.dropped_fraction.item() for a in auxes])
-    return loss, auxes
-
-
-def _add_loads(loads: list | None, auxes: list) -> list:
-    # Assignments per expert of every MoE layer (already summed over the EP group).
-    now = [a.tokens_per_expert.detach() for a in auxes]
-    return now if loads is None else [a + b for a, b in zip(loads, now, strict=True)]
-
-
-def _after_optimizer_step(run: Run, loads: list | None) -> None:
-    """The routers' balance state (e.g. the aux-loss-free bias) moves once per applied step,
-    from the step's load over every rank: one all-reduce over the expert-DP group (the EP
-    group's sum is in the MoE report already), only when a router keeps such state."""
-    routers = [m.router for m in run.engine.module.modules() if isinstance(m, MoELayer)]
-    if not loads or not any(r.updates_after_step for r in routers):
-        return
-    load_LE = torch.stack(loads).to(device=run.device, dtype=torch.float64)
-    if run.groups.expert_dp_size > 1:
-        with watchdog.collective("all_reduce (expert load for the routers' balance state)"):
-            dist.all_reduce(load_LE, group=run.groups.expert_dp_group)
-    for router, load_E in zip(routers, load_LE, strict=True):
-        router.after_optimizer_step(load_E)
-
-
-def log_step(run: Run, loss: float, auxes: list) -> None:
-    """Progress bar every step; on log steps the reduced metrics go to console and W&B;
-    one metrics.jsonl row every step."""
-    mon, step = run.monitor, run.step
-    mon.tick(step)
-    row = {"step": step, "loss": loss}
-    if mon.should_log(step):
-        gn, lr = run.engine.grad_norm(), run.engine.lr()
-        logged = mon.log_train(
-            step,
-            loss=loss,
-            lr=lr,
-            grad_norm=gn,
-            tokens_seen=run.tokens_seen,
-            aux_loss=_mean([a.lb_loss.item() for a in auxes]),
-            z_loss=_mean([a.z_loss.item() for a in auxes]),
-            moe_layers=_moe_layers(auxes, run.device),
-        )
-        row.update(lr=lr, grad_norm=gn)
-        row.update({k: v for k, v in logged.items() if isinstance(v, (int, float))})
-    mon.write_metrics(row)  # rank 0 only
-
-
-def _moe_layers(auxes: list, device: torch.device) -> list[dict]:
-    # One all-reduce for every layer's drop fraction and router entropy.
-    flat = [v for a in auxes for v in (a.dropped_fraction.item(), a.router_entropy.item())]
-    means = _mean_over_ranks(flat, device) if auxes else []
-    return [
-        {
-            "tokens_per_expert": a.tokens_per_expert.cpu(),
-            "dropped_fraction": means[2 * i],
-            "router_entropy": means[2 * i + 1],
-        }
-        for i, a in enumerate(auxes)
-    ]
-
-
 def after_step(run: Run) -> bool:
     """Evaluate and save on their cadence; False when a scheduler signal or
     train.max_time_s stops the run."""
@@ -510,7 +397,7 @@ def after_step(run: Run) -> bool:
 def save(run: Run) -> None:
     """Collective: every rank's file, then rank 0's client state, then the `latest` pointer."""
     step, root = run.step, run.ckpt_root
-    bad = _sum_over_ranks([float(not health.weights_finite(run.engine.module))], run.device)[0]
+    bad = sum_over_ranks([float(not health.weights_finite(run.engine.module))], run.device)[0]
     if bad:  # the step guard skips non-finite updates, so this is a bug: never save it
         raise XparUnhealthyError(
             f"step {step}: the weights are not finite on {int(bad)} rank(s); no checkpoint "
@@ -546,13 +433,13 @@ def evaluate(run: Run) -> float:
     total = 0.0
     with torch.no_grad():
         for x, y in run.val_batches:
-            with _autocast(run):
+            with autocast(run):
                 logits, _ = run.engine(x.to(run.device))
             total += F.cross_entropy(
                 logits.float().flatten(0, 1), y.to(run.device).flatten()
             ).item()
     run.engine.train()
-    return _mean_over_ranks([total / max(len(run.val_batches), 1)], run.device)[0]
+    return mean_over_ranks([total / max(len(run.val_batches), 1)], run.device)[0]
 
 
 # --------------------------------------------------------------------------- finish
@@ -603,18 +490,3 @@ def _exit_code(run: Run) -> int:
         return 0
     run.watcher.requeue_if_slurm()
     return run.watcher.exit_code()
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _mean_over_ranks(values: list[float], device) -> list[float]:
-    return [v / dist.get_world_size() for v in _sum_over_ranks(values, device)]
-
-
-def _sum_over_ranks(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    with _SUM_OVER_RANKS:  # .tolist() waits for the result (NCCL returns before it ends)
-        dist.all_reduce(t)
-        return t.tolist()
