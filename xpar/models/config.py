@@ -46,6 +46,8 @@ class ModelConfig:
     init_std: float = 0.02  # normal init std (residual outputs: / sqrt(2 n_layers))
     activation: str = "gelu"  # dense FFN activation: gelu, relu, squared_relu, swiglu
     attention: str = "dense"
+    # false: a bidirectional encoder (masked-LM objective); non-causal routers need it.
+    causal: bool = True
     attention_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,7 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_std"):
             need_positive(prefix, self, name)
         need_bool(prefix, self, "tie_embeddings")
+        need_bool(prefix, self, "causal")
         need_choice(prefix, self, "activation", ACTIVATIONS)
         need_choice(prefix, self, "attention", attention_names())
         get_attention(self.attention).check(self, prefix)
@@ -110,10 +113,11 @@ def moe_block_ids(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list[int]:
 
 def check_causal(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
     """A causal decoder refuses routers whose choice for a token depends on other tokens."""
-    if moe_block_ids(model_cfg, moe_cfg) and not moe_cfg.is_causal:
+    if model_cfg.causal and moe_block_ids(model_cfg, moe_cfg) and not moe_cfg.is_causal:
         raise XparConfigError(
             f"moe.router={moe_cfg.router!r} is not allowed in this decoder-only (causal) model: "
             "its routing of a token depends on other tokens in the batch, future tokens "
-            "included, so a token's output would leak the future; use a causal (token-choice) "
+            "included, so a token's output would leak the future; set model.causal=false "
+            "(a bidirectional encoder trained as a masked LM) or use a causal (token-choice) "
             "router such as moe=topk or moe=switch"
         )

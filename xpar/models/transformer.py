@@ -1,4 +1,5 @@
-"""Decoder-only Transformer LM with optional MoE feed-forward blocks.
+"""Transformer LM with optional MoE feed-forward blocks: a causal decoder, or with
+model.causal=false a bidirectional encoder (trained as a masked LM).
 
 Single-device code: no torch.distributed or deepspeed here. Expert parallelism
 comes in through the MoE layer's ep_group, which is passed through untouched.
@@ -63,11 +64,11 @@ def apply_rotary(x_BHLK: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tenso
 class SelfAttention(nn.Module):
     """Projections, heads and rotary positions; the registered variant does the mixing."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
-        self.causal = causal
+        self.causal = cfg.causal
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kernel = get_attention(cfg.attention)(cfg.n_heads, cfg.head_dim, cfg.attention_opts())
@@ -92,7 +93,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = moe_cfg is not None
         if moe_cfg is not None:
-            self.ffn = MoELayer(d_model=cfg.d_model, cfg=moe_cfg, ep_group=ep_group)
+            self.ffn = MoELayer(cfg.d_model, moe_cfg, ep_group, vocab_size=cfg.vocab_size)
         else:
             self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.activation)
 
@@ -113,11 +114,12 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    """Decoder-only LM: embed -> n_layers x (attention, FFN or MoE) -> norm -> LM head.
+    """LM: embed -> n_layers x (attention, FFN or MoE) -> norm -> LM head.
 
     forward(tokens_BL) -> (logits_BLV, aux_list): aux_list holds one MoEAux per
     MoE block, in block order (empty for a dense model). The caller adds
-    sum(aux.loss) to its cross entropy.
+    sum(aux.loss) to its cross entropy. hidden(tokens_BL) -> (h_BLD, aux_list) stops
+    before the LM head (after the final norm), for task heads.
     """
 
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, ep_group: object = None):
@@ -165,6 +167,10 @@ class MoETransformer(nn.Module):
             block.ffn.reset_parameters(std, out_std)
 
     def forward(self, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, list]:
+        h_BLD, aux_list = self.hidden(tokens_BL)
+        return self.lm_head(h_BLD), aux_list
+
+    def hidden(self, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, list]:
         L = tokens_BL.shape[1]
         if L > self.model_cfg.max_seq_len:
             raise ValueError(
@@ -181,5 +187,4 @@ class MoETransformer(nn.Module):
             x_BLD, aux = block(x_BLD, cos_LK, sin_LK, tokens_BL)
             if aux is not None:
                 aux_list.append(aux)
-        logits_BLV = self.lm_head(self.norm(x_BLD))
-        return logits_BLV, aux_list
+        return self.norm(x_BLD), aux_list

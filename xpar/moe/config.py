@@ -14,6 +14,8 @@ from xpar.activations import ACTIVATIONS
 from xpar.config.checks import bad, build_options, is_number, need_choice, need_int
 from xpar.moe.plan import DROP_POLICIES
 
+BALANCE_SCOPES = ("micro_batch", "global")
+
 
 @dataclass
 class MoEConfig:
@@ -42,6 +44,10 @@ class MoEConfig:
     # A dense expert every token goes through, beside the routed ones (0: none).
     shared_expert_d_ff: int = 0
     router_options: dict[str, Any] = field(default_factory=dict)
+    # The batch-wise balance loss's load f_i: this rank's micro-batch, or summed over every
+    # rank (one all-reduce of [E] counts per layer), so the loss does not depend on the
+    # number of ranks.
+    balance_scope: str = "micro_batch"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,6 +67,7 @@ class MoEConfig:
         need_int(prefix, self, "d_ff", 1)
         need_choice(prefix, self, "router", router_names())
         need_choice(prefix, self, "drop_policy", DROP_POLICIES)
+        need_choice(prefix, self, "balance_scope", BALANCE_SCOPES)
         need_choice(prefix, self, "activation", ACTIVATIONS)
         for name in ("capacity_factor", "eval_capacity_factor"):
             cf = getattr(self, name)

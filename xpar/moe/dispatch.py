@@ -30,6 +30,27 @@ _ROWS_BACK = collective("all_to_all (MoE rows back from experts)")
 _GRADS_BACK = collective("all_to_all (MoE row gradients back, in backward)")
 _GRADS_OUT = collective("all_to_all (MoE output gradients to experts, in backward)")
 _LOAD_SUM = collective("all_reduce (MoE tokens per expert)")
+_BALANCE_SUM = collective("all_reduce (MoE balance-loss load over every rank)")
+
+
+def sum_over_all_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of t summed over every rank (moe.balance_scope=global); t itself
+    when torch.distributed is not initialised or has one rank."""
+    t = t.detach().clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with _BALANCE_SUM:
+            dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class Traffic:
+    """Rows and bytes this rank's dispatcher sent to other ranks' experts (forward, the
+    tokens' way out; the way back is the same size), counted since it was built."""
+
+    rows_sent: int = 0
+    bytes_sent: int = 0
+    calls: int = 0
 
 
 class _AllToAll(torch.autograd.Function):
@@ -94,6 +115,8 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
+        self.traffic = Traffic()
+        self.sum_over_all_ranks = sum_over_all_ranks
 
     def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DispatchState]:
         rows_AD = x_TD.index_select(0, plan.token_idx_A)
@@ -119,6 +142,8 @@ class AllToAllDispatcher:
         # Contiguous slices in rank order: the count exchange below relies on it.
         self.num_local = len(local_experts(num_experts, self.ep_size, self.ep_rank))
         self._checked: set[tuple] = set()
+        self.traffic = Traffic()
+        self.sum_over_all_ranks = sum_over_all_ranks
 
     def _check_agreement(self, x_TD: torch.Tensor) -> None:
         """Once per shape: all ranks must agree on E and D, else the count
@@ -151,6 +176,10 @@ class AllToAllDispatcher:
             dist.all_to_all_single(recv_counts_Pe, send_counts_Pe, group=self.group)
             counts_all = torch.stack([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()
         send_splits, recv_splits = counts_all
+        off_rank = sum(send_splits) - send_splits[self.ep_rank]
+        self.traffic.rows_sent += off_rank
+        self.traffic.bytes_sent += off_rank * x_TD.shape[1] * x_TD.element_size()
+        self.traffic.calls += 1
         marks = (_ROWS_OUT, _GRADS_BACK)
         rows_RD = _AllToAll.apply(rows_AD, send_splits, recv_splits, self.group, marks)
         perm_R = None

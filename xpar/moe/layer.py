@@ -14,6 +14,7 @@ from xpar.models.mlp import MLP
 from xpar.moe.config import MoEConfig
 from xpar.moe.dispatch import make_dispatcher
 from xpar.moe.experts import GroupedExperts, local_experts
+from xpar.moe.losses import balance_loss_from_counts
 from xpar.moe.routers import get_router
 
 
@@ -30,12 +31,13 @@ class MoEAux:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None):
+    def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None, vocab_size: int = 0):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.d_model = d_model
-        self.router = get_router(cfg.router)(d_model, cfg)
+        # vocab_size: for routers that route by token id (a hash table over the vocabulary).
+        self.router = get_router(cfg.router)(d_model, cfg, vocab_size=vocab_size)
         self.dispatcher = make_dispatcher(cfg.num_experts, ep_group)
         self.experts = GroupedExperts(
             cfg.num_experts,
@@ -66,25 +68,47 @@ class MoELayer(nn.Module):
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEAux]:
-        """x [..., D]; token_ids [...] (the input ids, for routers that route by them)."""
+        """x [B, L, D] (or [T, D]); token_ids [B, L] (the input ids, for routers that route
+        by them)."""
         shape = x.shape
         x_TD = x.reshape(-1, self.d_model)
         token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
-        plan = self.router(x_TD, self.cfg.capacity_factor_for(self.training), token_ids_T)
-        rows_RD, state = self.dispatcher.dispatch(x_TD, plan)  # checks the ranks agree first
+        seq_len = shape[-2] if x.dim() == 3 else 0
+        cf = self.cfg.capacity_factor_for(self.training)
+        plan = self.router(x_TD, cf, token_ids_T, seq_len=seq_len)
+        rows_in = x_TD
+        if plan.slot_dispatch_TS is not None:  # soft routing: the experts see slots
+            rows_in = plan.slot_dispatch_TS.t().to(x_TD.dtype) @ x_TD
+        rows_RD, state = self.dispatcher.dispatch(rows_in, plan)  # checks the ranks agree first
         # The load report is a metric: reduce it in the background while experts compute.
         load = self.dispatcher.start_sum_over_group(plan.tokens_per_expert_E)
         out_RD = self.experts(rows_RD, state.counts_e)
         y_TD = self.dispatcher.combine(out_RD, state, plan)
+        if plan.slot_combine_TS is not None:
+            y_TD = plan.slot_combine_TS.to(y_TD.dtype) @ y_TD
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
-        loss = self.cfg.aux_loss_weight * plan.lb_loss + self.cfg.z_loss_weight * plan.z_loss
+        lb_loss = self._balance_loss(plan)
+        loss = self.cfg.aux_loss_weight * lb_loss + self.cfg.z_loss_weight * plan.z_loss
         aux = MoEAux(
             loss=loss,
-            lb_loss=plan.lb_loss,
+            lb_loss=lb_loss,
             z_loss=plan.z_loss,
             tokens_per_expert=load.wait(),
             dropped_fraction=plan.dropped_fraction,
             router_entropy=plan.entropy,
         )
         return y_TD.reshape(shape), aux
+
+    def _balance_loss(self, plan) -> torch.Tensor:
+        """The router's balance loss; with moe.balance_scope=global (in training) its load
+        f_i comes from the counts summed over every rank, so it does not depend on the rank
+        count: the ranks' mean of E * sum f_i P_i is then the one-process loss."""
+        if (
+            self.cfg.balance_scope != "global"
+            or not self.training
+            or plan.balance_counts_E is None
+        ):
+            return plan.lb_loss
+        counts_E = self.dispatcher.sum_over_all_ranks(plan.balance_counts_E)
+        return balance_loss_from_counts(counts_E, plan.balance_probs_E)

@@ -23,6 +23,13 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> 
     return E * torch.sum(f_E * P_E)
 
 
+def balance_loss_from_counts(counts_E: torch.Tensor, probs_E: torch.Tensor) -> torch.Tensor:
+    """E * sum_i f_i * P_i with f_i = counts_i / sum(counts): the Switch loss from load
+    counts that may be summed over ranks (moe.balance_scope=global) and local mean scores."""
+    f_E = counts_E.to(probs_E.dtype) / counts_E.sum().clamp_min(1).to(probs_E.dtype)
+    return probs_E.shape[0] * torch.sum(f_E * probs_E)
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss mean(logsumexp(logits)^2) (ST-MoE); (ln E)^2 at zero logits."""
     if logits_TE.shape[0] == 0:

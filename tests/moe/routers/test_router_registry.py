@@ -43,7 +43,7 @@ class HashRouter(LinearRouter):
     def experts_per_token(cls, cfg) -> float:
         return 1.0
 
-    def forward(self, x_TD, capacity_factor, token_ids_T=None):
+    def forward(self, x_TD, capacity_factor, token_ids_T=None, seq_len=0):
         E = self.cfg.num_experts
         e_TK = ((token_ids_T + self.cfg.options().offset) % E).unsqueeze(1)
         w_TK = torch.ones(e_TK.shape, dtype=torch.float32)
@@ -57,7 +57,7 @@ class HashRouter(LinearRouter):
             stats=RouterStats(lb_loss=zero, z_loss=zero, entropy=zero.detach()),
         )
 
-    def naive_route(self, x_TD, capacity_factor, token_ids_T=None):
+    def naive_route(self, x_TD, capacity_factor, token_ids_T=None, seq_len=0):
         E, off = self.cfg.num_experts, self.cfg.options().offset
         kept = [(t, (int(i) + off) % E, torch.tensor(1.0)) for t, i in enumerate(token_ids_T)]
         return kept, x_TD.sum() * 0.0

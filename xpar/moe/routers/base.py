@@ -32,9 +32,17 @@ class Router(nn.Module):
     # The dataclass that moe.router_options is turned into (it validates itself).
     Options: ClassVar[type] = NoOptions
 
-    def __init__(self, d_model: int, cfg: MoEConfig):
+    # Whether the router needs the training corpus's token counts (`fit_to_data`) at the start
+    # of a new run (a hash table balanced by frequency); its result must live in buffers.
+    needs_token_counts: ClassVar[bool] = False
+
+    def __init__(self, d_model: int, cfg: MoEConfig, vocab_size: int = 0):
         super().__init__()
         self.cfg = cfg
+
+    def fit_to_data(self, counts_V: torch.Tensor) -> None:
+        """Called once by the trainer on a new run (not on resume: the buffers come from the
+        checkpoint) with the training split's token counts, identical on every rank."""
 
     def reset_parameters(self, std: float) -> None:
         """Re-draw this router's parameters (the model calls it in its init order)."""
@@ -54,7 +62,10 @@ class Router(nn.Module):
         x_TD: torch.Tensor,
         capacity_factor: float | None,
         token_ids_T: torch.Tensor | None = None,
+        seq_len: int = 0,
     ) -> RoutingPlan:
+        """x_TD: the B*L tokens of this rank's micro-batch, sequence-major (seq_len = L, 0
+        when the caller has no sequences), token_ids_T their input ids."""
         raise NotImplementedError
 
     @classmethod
@@ -74,6 +85,7 @@ class Router(nn.Module):
         x_TD: torch.Tensor,
         capacity_factor: float | None,
         token_ids_T: torch.Tensor | None = None,
+        seq_len: int = 0,
     ) -> NaiveRoute:
         """The same routing written token by token, independently of forward (tests only)."""
         raise NotImplementedError
@@ -82,8 +94,8 @@ class Router(nn.Module):
 class LinearRouter(Router):
     """Routers that score tokens with one linear map: logits_TE = x_TD @ weight_ED^T."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig):
-        super().__init__(d_model, cfg)
+    def __init__(self, d_model: int, cfg: MoEConfig, vocab_size: int = 0):
+        super().__init__(d_model, cfg, vocab_size)
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 

@@ -50,6 +50,7 @@ class ExpertChoiceRouter(LinearRouter):
         x_TD: torch.Tensor,
         capacity_factor: float | None,
         token_ids_T: torch.Tensor | None = None,
+        seq_len: int = 0,
     ) -> RoutingPlan:
         T, E = x_TD.shape[0], self.cfg.num_experts
         assert capacity_factor is not None, "MoEConfig.validate refuses dropless expert choice"
@@ -82,6 +83,7 @@ class ExpertChoiceRouter(LinearRouter):
         x_TD: torch.Tensor,
         capacity_factor: float | None,
         token_ids_T: torch.Tensor | None = None,
+        seq_len: int = 0,
     ) -> NaiveRoute:
         T, E = x_TD.shape[0], self.cfg.num_experts
         logits_TE, probs_TE = self.naive_probs(x_TD)

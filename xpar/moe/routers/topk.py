@@ -41,8 +41,8 @@ class TopKRouter(LinearRouter):
     name = "topk"
     Options = TopKOptions
 
-    def __init__(self, d_model: int, cfg) -> None:
-        super().__init__(d_model, cfg)
+    def __init__(self, d_model: int, cfg, vocab_size: int = 0) -> None:
+        super().__init__(d_model, cfg, vocab_size)
         self.bias_update_rate = float(cfg.options().bias_update_rate)
         if self.bias_update_rate > 0:  # only then: a plain top-k's state dict is unchanged
             self.register_buffer("expert_bias_E", torch.zeros(cfg.num_experts))
@@ -74,6 +74,7 @@ class TopKRouter(LinearRouter):
         x_TD: torch.Tensor,
         capacity_factor: float | None,
         token_ids_T: torch.Tensor | None = None,
+        seq_len: int = 0,
     ) -> RoutingPlan:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -92,6 +93,7 @@ class TopKRouter(LinearRouter):
         x_TD: torch.Tensor,
         capacity_factor: float | None,
         token_ids_T: torch.Tensor | None = None,
+        seq_len: int = 0,
     ) -> NaiveRoute:
         cfg = self.cfg
         T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
