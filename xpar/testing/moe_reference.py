@@ -34,8 +34,7 @@ def naive_moe(
         rows[t] = rows[t] + w * mlp(e, t)
     if layer.shared_expert is not None:
         rows = [r + layer.shared_expert(x_TD[t : t + 1])[0] for t, r in enumerate(rows)]
-    logits_TE = x_TD.float() @ layer.router.weight.float().t()
-    z = torch.stack([torch.logsumexp(logits_TE[t], 0) ** 2 for t in range(T)]).mean()
+    z = layer.router.naive_z_loss(x_TD)
     y_TD = torch.stack(rows) if T else x_TD.new_zeros(0, D)
     aux = cfg.aux_loss_weight * lb + cfg.z_loss_weight * z
     return y_TD, aux, [(t, e) for t, e, _ in kept]

@@ -90,6 +90,10 @@ class Router(nn.Module):
         """The same routing written token by token, independently of forward (tests only)."""
         raise NotImplementedError
 
+    def naive_z_loss(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The router z-loss token by token (tests only); routers without logits have none."""
+        return x_TD.float().sum() * 0.0
+
 
 class LinearRouter(Router):
     """Routers that score tokens with one linear map: logits_TE = x_TD @ weight_ED^T."""
@@ -113,6 +117,11 @@ class LinearRouter(Router):
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return x_TD @ self.weight.float().t()
+
+    def naive_z_loss(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = x_TD.float() @ self.weight.float().t()
+        T = x_TD.shape[0]
+        return torch.stack([torch.logsumexp(logits_TE[t], 0) ** 2 for t in range(T)]).mean()
 
     def naive_probs(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits_TE, probs_TE) without jitter, for the naive references."""
