@@ -63,6 +63,40 @@ def test_expert_parallel_zero2_equals_one_process(tmp_path):
     _assert_same_curve(ep_losses, one_losses, 1e-5)
 
 
+def test_global_balance_loss_makes_expert_parallel_equal_one_process(tmp_path):
+    """moe.balance_scope=global: the balance loss's load is summed over every rank, so with a
+    non-zero aux_loss_weight EP=2 still equals one process; the per-rank (micro_batch) loss
+    does not, which shows the comparison can fail."""
+    aux = [o for o in BASE if not o.startswith("moe.aux_loss_weight")]
+    aux += ["moe.aux_loss_weight=0.05", "parallel.zero_stage=2"]
+
+    def arms(tag, scope):
+        return [
+            aux
+            + [
+                f"moe.balance_scope={scope}",
+                "train.micro_batch_size=2",
+                f"train.out_dir={tmp_path}/{tag}_ep",
+            ],
+            aux
+            + [
+                f"moe.balance_scope={scope}",
+                "train.micro_batch_size=4",
+                f"train.out_dir={tmp_path}/{tag}_one",
+            ],
+        ]
+
+    glob_ep, local_ep = run_distributed(
+        _train_losses, 2, [arms("g", "global")[0], arms("l", "micro_batch")[0]], timeout=600
+    )[0]
+    glob_one, local_one = run_distributed(
+        _train_losses, 1, [arms("g", "global")[1], arms("l", "micro_batch")[1]], timeout=600
+    )[0]
+    _assert_same_curve(glob_ep, glob_one, 1e-5)
+    worst = max(abs(local_ep[s] - local_one[s]) for s in local_ep)
+    assert worst > 1e-5, f"the per-rank balance loss should differ from one process ({worst:.3g})"
+
+
 def test_zero_stages_agree(tmp_path):
     runs = [
         BASE + [f"parallel.zero_stage={z}", f"train.out_dir={tmp_path}/z{z}"] for z in (0, 1, 2)

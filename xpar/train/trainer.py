@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -180,6 +181,7 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
     # Same seed on every rank, so dense params agree and experts are sliced consistently.
     torch.manual_seed(tc.seed)
     model = MoETransformer(model_cfg, cfg.moe, ep_group=groups.ep_group)
+    _fit_routers_to_data(model, data, vocab, groups.rank)  # a resume or init_from overwrites
     record = resume_guard.run_record(cfg, model_cfg, data.tokenizer)
     if start.init_from is not None:  # weights only, before the engine copies them
         source = ckpt.load_weights(model, start.init_from, groups, run=record)
@@ -206,6 +208,26 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         drops=health.DropWatch(cfg.moe.capacity_factor),
         stateful_routers=_stateful_routers(model),
     )
+
+
+def _fit_routers_to_data(model, data: DataBundle, vocab: int, rank: int) -> None:
+    """Routers that need the corpus (a hash table balanced by token frequency) get the
+    training split's token counts, the same on every rank since every rank holds every
+    block; their result lives in buffers, so a checkpoint carries it."""
+    routers = [
+        m.router for m in model.modules() if isinstance(m, MoELayer) and m.router.needs_token_counts
+    ]
+    if not routers:
+        return
+    counts_V = torch.from_numpy(np.bincount(data.train.blocks.reshape(-1), minlength=vocab))
+    for router in routers:
+        router.fit_to_data(counts_V)
+    if rank == 0:
+        print(
+            f"routing: {len(routers)} {routers[0].name} router(s) fitted to the token counts "
+            f"of the training split ({int(counts_V.sum())} tokens)",
+            flush=True,
+        )
 
 
 def _stateful_routers(model) -> list:
