@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from xpar.parallel import watchdog
 from xpar.train import health
@@ -36,11 +35,10 @@ def train_step(run: Run) -> tuple[float, list]:
     rank is skipped on every rank (xpar.train.health)."""
     accum, rank = run.cfg.train.grad_accum, run.groups.rank
     loss_sum, ce_sum, auxes, loads = 0.0, 0.0, [], None
-    for _ in range(accum):
-        x, y = (t.to(run.device) for t in run.data.train.next_batch())
+    for micro in range(accum):
+        batch = run.data.train.next_batch()
         with autocast(run):
-            logits, auxes = run.engine(x)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            ce, auxes = run.task.train_loss(run, batch, micro)
         if run.faults.loss_is_nan(rank, run.step):
             ce = ce * float("nan")
         aux = sum((a.loss for a in auxes), ce.new_zeros(()))

@@ -25,11 +25,11 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from xpar.config.schema import XparConfig
 from xpar.config.store import to_plain_dict
@@ -45,13 +45,15 @@ from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
 from xpar.train import health, lock, phases, resume, resume_guard
+from xpar.train.evaluation import validate
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
 from xpar.train.preempt import PreemptionWatcher
 from xpar.train.rng import rng_state, seed_everything, set_rng_state
 from xpar.train.schedule import make_lr_lambda
 from xpar.train.sinks import warning_log
-from xpar.train.step import autocast, log_step, mean_over_ranks, sum_over_ranks, train_step
+from xpar.train.step import log_step, sum_over_ranks, train_step
+from xpar.train.task import make_task
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Run:
     drops: health.DropWatch  # warns once when routing drops most tokens
     # Every MoE layer's router when one keeps balance state (after_optimizer_step), else none.
     stateful_routers: list = field(default_factory=list)
+    task: Any = None  # what the model is trained on (xpar.train.task)
     monitor: Monitor | None = None
     watcher: PreemptionWatcher | None = None
     val_batches: list = field(default_factory=list)
@@ -129,8 +132,7 @@ def train(cfg: XparConfig) -> TrainResult:
         open_run(run, cleanup)
         startup.mark("monitor")
         watchdog.note_step(run.step)  # a resumed run's evaluation is at its step, not 0
-        run.result.val_loss_before = evaluate(run)
-        run.monitor.log_val(run.step, run.result.val_loss_before)
+        run.result.val_loss_before = validate(run)
         run.monitor.print(f"val loss before: {run.result.val_loss_before:.4f}")
         startup.mark("eval")
         run.monitor.start(step=run.step, tokens_seen=run.tokens_seen)  # tokens/s from here
@@ -207,6 +209,7 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         health=health.StepHealth(tc.max_bad_steps, health.max_loss_for(tc.max_loss, vocab)),
         drops=health.DropWatch(cfg.moe.capacity_factor),
         stateful_routers=_stateful_routers(model),
+        task=make_task(cfg, model_cfg, data.tokenizer),
     )
 
 
@@ -399,7 +402,7 @@ def after_step(run: Run) -> bool:
         )
         return False
     if step % tc.eval_every == 0 and step < tc.steps:
-        run.monitor.log_val(step, evaluate(run))
+        validate(run)
     if step % tc.ckpt_every == 0 or step == tc.steps:
         save(run)
     run.faults.after_step(step)
@@ -449,21 +452,6 @@ def save(run: Run) -> None:
     run.result.checkpoint, run.last_saved = str(d), step
 
 
-def evaluate(run: Run) -> float:
-    """Mean validation CE over this rank's batches, averaged over ranks."""
-    run.engine.eval()
-    total = 0.0
-    with torch.no_grad():
-        for x, y in run.val_batches:
-            with autocast(run):
-                logits, _ = run.engine(x.to(run.device))
-            total += F.cross_entropy(
-                logits.float().flatten(0, 1), y.to(run.device).flatten()
-            ).item()
-    run.engine.train()
-    return mean_over_ranks([total / max(len(run.val_batches), 1)], run.device)[0]
-
-
 # --------------------------------------------------------------------------- finish
 
 
@@ -475,8 +463,7 @@ def finish(run: Run, startup: phases.PhaseTimer, t_loop: float) -> TrainResult:
     elapsed = time.perf_counter() - t_loop
     res.tokens_per_s = (run.step - run.start_step) * run.tokens_per_step / max(elapsed, 1e-9)
     if run.watcher.stopped_by is None and run.health.stop_reason is None:
-        res.val_loss_after = evaluate(run)
-        mon.log_val(run.step, res.val_loss_after)
+        res.val_loss_after = validate(run)
         mon.print(f"val loss after: {res.val_loss_after:.4f}")
     mon.print(
         f"trained steps {run.start_step + 1}..{run.step} in {elapsed:.1f}s: "
