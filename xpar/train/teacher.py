@@ -30,13 +30,13 @@ def saved_run(directory: str | Path, where: str = WHERE) -> dict:
     error naming `where` when there is none. Cheap: config validation calls it."""
     path = Path(directory) / "client_state.json"
     try:
-        run = json.loads(path.read_text()).get("run")
+        run = json.loads(path.read_text())  # the run record sits at its top level
     except (OSError, ValueError) as e:
         raise XparConfigError(
             f"{where}={str(directory)!r}: cannot read {path.name} ({e}); name a checkpoint "
             "directory (a step_* directory under an xpar run's checkpoints/)"
         ) from e
-    if not isinstance(run, dict) or "model" not in run:
+    if not isinstance(run, dict) or "model" not in run.get("model", {}):
         raise XparConfigError(
             f"{where}={str(directory)!r}: the checkpoint records no model config (written by "
             "an older xpar); name a checkpoint of a run made by this version"
