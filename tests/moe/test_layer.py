@@ -130,7 +130,7 @@ BAD = [
     (dict(num_experts=4, top_k=5), "moe.top_k=5"),
     (dict(capacity_factor=0.0), "moe.capacity_factor=0.0"),
     (dict(capacity_factor=-1.0), "moe.capacity_factor=-1.0"),
-    (dict(router="hash"), "moe.router='hash'"),
+    (dict(router="nope"), "moe.router='nope'"),
     (dict(activation="tanh"), "moe.activation='tanh'"),
     (dict(drop_policy="random"), "moe.drop_policy='random'"),
     (dict(router="expert_choice", capacity_factor=None), "moe.capacity_factor=None"),
