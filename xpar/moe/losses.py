@@ -1,6 +1,6 @@
 """Router losses and routing statistics: pure functions, returned, never stored.
 
-Legend: T tokens, E experts, K top-k.
+Legend: T tokens (B sequences of L when a loss is per sequence), E experts, K top-k.
 """
 
 from __future__ import annotations
@@ -28,6 +28,42 @@ def balance_loss_from_counts(counts_E: torch.Tensor, probs_E: torch.Tensor) -> t
     counts that may be summed over ranks (moe.balance_scope=global) and local mean scores."""
     f_E = counts_E.to(probs_E.dtype) / counts_E.sum().clamp_min(1).to(probs_E.dtype)
     return probs_E.shape[0] * torch.sum(f_E * probs_E)
+
+
+def balance_terms(
+    probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch-wise (Switch) loss's terms: (assignments per expert [E] long, before any
+    drop; mean score per expert [E], differentiable). `balance_loss_from_counts` of them is
+    `load_balancing_loss` bit for bit; with T = 0 the mean scores are zeros, not NaN."""
+    T, E = probs_TE.shape
+    counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=E)
+    P_E = probs_TE.mean(dim=0) if T else probs_TE.sum(dim=0) * 0.0
+    return counts_E, P_E
+
+
+def sequence_balance_loss(
+    probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, mean over the B = T / L sequences of
+    sum_i f_i P_i, with f_i = E / (K L) * (assignments of the sequence's tokens to i) and
+    P_i the sequence's mean of probs_TE[:, i] (scores normalised over experts).
+
+    Uniform routing gives 1.0, like the Switch loss; seq_len 0 treats the batch as one
+    sequence, and then it equals `load_balancing_loss`."""
+    T, E = probs_TE.shape
+    K = expert_idx_TK.shape[1]
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    L = seq_len if seq_len > 0 else T
+    assert T % L == 0, f"{T} tokens are not whole sequences of {L}"
+    B = T // L
+    counts_BE = probs_TE.new_zeros(B, E).scatter_add_(
+        1, expert_idx_TK.reshape(B, L * K), probs_TE.new_ones(B, L * K)
+    )
+    f_BE = counts_BE * (E / (K * L))
+    P_BE = probs_TE.reshape(B, L, E).mean(dim=1)
+    return (f_BE * P_BE).sum(dim=1).mean()
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
