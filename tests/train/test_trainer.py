@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 BASE = [
     "experiment=tiny",
     "moe.capacity_factor=null",  # dropless: capacity is per rank, so EP=2 vs 1 differs otherwise
-    "moe.aux_loss_weight=0.0",  # the balance loss is per-rank nonlinear; z-loss is a mean and stays
+    # The balance loss's load summed over every rank: the same loss whatever the rank count.
+    "moe.balance_scope=global",
+    "moe.aux_loss_weight=0.01",
     "train.steps=5",
     "train.eval_every=100",
     "train.ckpt_every=100",
@@ -67,7 +69,7 @@ def test_global_balance_loss_makes_expert_parallel_equal_one_process(tmp_path):
     """moe.balance_scope=global: the balance loss's load is summed over every rank, so with a
     non-zero aux_loss_weight EP=2 still equals one process; the per-rank (micro_batch) loss
     does not, which shows the comparison can fail."""
-    aux = [o for o in BASE if not o.startswith("moe.aux_loss_weight")]
+    aux = [o for o in BASE if not o.startswith(("moe.aux_loss_weight", "moe.balance_scope"))]
     aux += ["moe.aux_loss_weight=0.05", "parallel.zero_stage=2"]
 
     def arms(tag, scope):
