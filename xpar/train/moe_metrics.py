@@ -14,6 +14,7 @@ LAYER_SCALARS = (
     "mean_load",
     "max_over_mean_load",
     "router_entropy",
+    "a2a_bytes_per_step",  # expert parallel only: rows this rank sent to other ranks' experts
 )
 
 
@@ -50,7 +51,7 @@ def moe_layer_metrics(stats: Any) -> dict[str, Any]:
     max_load and mean_load (tokens per expert), max_over_mean_load (1.0 = perfect balance),
     router_entropy, and tokens_per_expert as a list."""
     out: dict[str, Any] = {}
-    for name in ("dropped_fraction", "router_entropy", "lb_loss", "z_loss"):
+    for name in ("dropped_fraction", "router_entropy", "lb_loss", "z_loss", "a2a_bytes_per_step"):
         value = to_float(_get(stats, name))
         if value is not None:
             out[name] = value

@@ -118,18 +118,28 @@ def log_step(run: Run, loss: float, auxes: list) -> None:
             tokens_seen=run.tokens_seen,
             aux_loss=_mean([a.lb_loss.item() for a in auxes]),
             z_loss=_mean([a.z_loss.item() for a in auxes]),
-            moe_layers=_moe_layers(auxes, run.device),
+            moe_layers=_moe_layers(run, auxes),
         )
         row.update(lr=lr, grad_norm=gn)
         row.update({k: v for k, v in logged.items() if isinstance(v, (int, float))})
     mon.write_metrics(row)  # rank 0 only
 
 
-def _moe_layers(auxes: list, device: torch.device) -> list[dict]:
-    # One all-reduce for every layer's drop fraction and router entropy.
+def _moe_layers(run: Run, auxes: list) -> list[dict]:
+    """Every layer's drop fraction and router entropy, and under expert parallelism the
+    all-to-all bytes this rank sent per step since the last log (forward, the rows' way
+    out; the way back is as large), all means over ranks: one all-reduce for all of it."""
     flat = [v for a in auxes for v in (a.dropped_fraction.item(), a.router_entropy.item())]
-    means = mean_over_ranks(flat, device) if auxes else []
-    return [
+    ep = len(run.moe_layers) == len(auxes) and run.groups.ep_size > 1
+    if ep:
+        steps = max(run.step - max(run.traffic_mark[0], run.start_step), 1)
+        sent = [layer.dispatcher.traffic.bytes_sent for layer in run.moe_layers]
+        last = run.traffic_mark[1] or [0] * len(sent)
+        flat += [(s - p) / steps for s, p in zip(sent, last, strict=True)]
+        run.traffic_mark = (run.step, sent)
+    means = mean_over_ranks(flat, run.device) if flat else []
+    n = 2 * len(auxes)
+    layers = [
         {
             "tokens_per_expert": a.tokens_per_expert.cpu(),
             "dropped_fraction": means[2 * i],
@@ -137,6 +147,10 @@ def _moe_layers(auxes: list, device: torch.device) -> list[dict]:
         }
         for i, a in enumerate(auxes)
     ]
+    if ep:
+        for i, layer in enumerate(layers):
+            layer["a2a_bytes_per_step"] = means[n + i]
+    return layers
 
 
 def _mean(values: list[float]) -> float | None:

@@ -87,6 +87,8 @@ class Run:
     # Every MoE layer's router when one keeps balance state (after_optimizer_step), else none.
     stateful_routers: list = field(default_factory=list)
     task: Any = None  # what the model is trained on (xpar.train.task)
+    moe_layers: list = field(default_factory=list)
+    traffic_mark: tuple[int, list] = (0, [])  # (step, bytes sent per layer) at the last log
     monitor: Monitor | None = None
     watcher: PreemptionWatcher | None = None
     val_batches: list = field(default_factory=list)
@@ -210,6 +212,7 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         drops=health.DropWatch(cfg.moe.capacity_factor),
         stateful_routers=_stateful_routers(model),
         task=make_task(cfg, model_cfg, data.tokenizer),
+        moe_layers=[m for m in model.modules() if isinstance(m, MoELayer)],
     )
 
 
