@@ -1,40 +1,52 @@
-"""Quality benchmark: a dense and an MoE model with the same active parameters.
+"""Quality benchmark: suites of arms trained by the real trainer, each suite checking the
+direction of a published result, as a table with its target and a PNG.
 
-    python -m xpar.bench quality [--steps N] [--out DIR] [--jobs 2] [--plot PATH] [OVERRIDE ...]
+    python -m xpar.bench quality [--suite NAME|all] [--quick] [--jobs 2] [--steps N]
+        [--out DIR] [--fresh] [OVERRIDE ...]
 
-Trains conf/experiment/quality_dense.yaml and quality_moe.yaml (same active params per
-token, same data in the same order, same tokens per step, same lr schedule and steps)
-with the real trainer, each as its own `python -m xpar.train` process (a world of one),
-both at once by default (--jobs 2; each gets half the CPU threads). OVERRIDEs are Hydra
-overrides applied to both arms (e.g. train.eval_every=25).
+A suite (xpar/bench/quality_suites.py) is a few arms, each an experiment file under
+conf/experiment/ plus overrides, and a function that turns the arms' curves into the
+suite's figures, each compared with its target (met / not met). Every arm runs as its own
+`python -m xpar.train` process (a world of one) into OUT/<arm>/, `--jobs` at a time with
+`cpu_count // jobs` threads each; an arm that needs another arm's checkpoint (a teacher, a
+pre-trained encoder) starts once that one has finished. Curves are read back from each
+arm's offline W&B run. OVERRIDEs are Hydra overrides applied to every arm.
 
-Validation loss every train.eval_every steps is read back from each arm's offline W&B
-run. Printed: both curves (step -> dense, moe), the steps each arm needs to reach the
-dense model's final validation loss (linear interpolation between eval points), and
-moe_steps / dense_steps (the goal is <= 0.7). Written to DIR (default outputs/quality):
-dense/ and moe/ (the runs; replaced on every call), quality.json and quality.png
-(matplotlib, optional: pip install matplotlib).
+Arms are shared: suites that name the same arm (suite 1's MoE arm is suite 3's aux-loss arm
+and suite 5's teacher) train it once. A finished arm is reused by a later call when its
+command, thread count and the trainer's code (a hash of xpar/ outside xpar/bench and of
+conf/) are unchanged: the trainer is deterministic, so training it again would give the
+same numbers. --fresh trains every arm again.
+
+Written to OUT (default outputs/quality): <arm>/ (the run) and <arm>.log per arm, and per
+suite <suite>.json (arms, curves, figures, targets) and <suite>.png (matplotlib, optional:
+pip install "xpar[bench]"). --quick trains tiny models for a few steps: it checks the
+pipeline end to end (arms run, metrics come back, tables, targets and plots are made), not
+the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import xpar
-from xpar.config.store import compose_config
 from xpar.train.wandb_reader import read_offline_run
 
-ARMS = {"dense": "quality_dense", "moe": "quality_moe"}
-TARGET_RATIO = 0.7
+DEFAULT_SUITE = "moe_vs_dense"
+RECORD = "bench_arm.json"  # in an arm's run folder once it finished: what made it
 # Launcher variables that would make a child join someone else's process group.
 _DIST_ENV = (
     "RANK",
@@ -47,31 +59,165 @@ _DIST_ENV = (
     "TORCHELASTIC_RUN_ID",
     "SLURM_PROCID",
 )
+# --quick: every arm becomes a tiny model trained for 4 steps (an arm may add its own).
+QUICK = (
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=1",
+    "model.d_ff=64",
+    "moe.d_ff=32",
+    "moe.num_experts=4",
+    "data.seq_len=32",
+    "data.max_files=4",
+    "train.micro_batch_size=2",
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "optim.warmup_steps=1",
+    "logger.log_every=1",
+)
+
+
+# --------------------------------------------------------------------------- suites
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training run: conf/experiment/<experiment>.yaml plus overrides.
+
+    after: arms whose finished runs this one needs; late(dirs) gives the overrides that
+    point at them (dirs: arm name -> its run folder), e.g. a teacher's checkpoint.
+    """
+
+    name: str  # its run folder under OUT, and its key when suites share it
+    experiment: str
+    overrides: tuple[str, ...] = ()
+    quick: tuple[str, ...] = ()  # added to QUICK for this arm in --quick
+    after: tuple[str, ...] = ()
+    late: Callable[[Mapping[str, Path]], Sequence[str]] | None = field(default=None, compare=False)
 
 
 @dataclass
-class ArmResult:
+class Target:
+    """One measured figure of a suite against its goal."""
+
+    what: str
+    value: float | None  # None: could not be measured (e.g. the target loss never reached)
+    goal: str  # e.g. "<= 0.70"
+    met: bool
+    note: str = ""
+
+
+@dataclass
+class Mark:
+    """A reference line on a suite's plot: horizontal (a loss) or vertical (a step)."""
+
+    panel: str  # the metric of the panel, e.g. val/loss
+    kind: str  # "h" or "v"
+    value: float
+    arm: str = ""  # drawn in that arm's colour; gray if ""
+
+
+@dataclass
+class Outcome:
+    """What a suite's evaluate() makes of its arms: extra table columns and the targets."""
+
+    columns: list[str]
+    rows: dict[str, list[str]]  # arm name -> one cell per column
+    targets: list[Target]
+    marks: list[Mark] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Arms, how their figures are computed and judged, and what the plot shows.
+
+    fair: groups of arms that must train on the same data, steps, schedule (train.*,
+    data.*, optim.*, task.*), checked on the composed configs before anything runs;
+    may_differ: dotted fields allowed to differ inside a group (e.g. optim.lr for arms at
+    their own tuned lr). panels: (metric, axis label) per plot panel.
+    """
+
+    name: str
+    title: str
+    reference: str  # the published result whose direction the suite checks
+    arms: tuple[Arm, ...]
+    evaluate: Callable[[Mapping[str, ArmRun]], Outcome]
+    fair: tuple[tuple[str, ...], ...] = ()
+    may_differ: tuple[str, ...] = ()
+    panels: tuple[tuple[str, str], ...] = (("val/loss", "validation loss (nats/token)"),)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class ArmRun:
+    """One arm's finished run, read back from its W&B run and log."""
+
     name: str
     experiment: str
     out_dir: str
-    val_curve: dict[int, float]  # step -> validation loss
+    cmd: list[str]
     wall_s: float
-    model_summary: str = ""  # the trainer's "model: params ..." line
+    reused: bool
+    model_summary: str  # the trainer's "model: params ..." line
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def series(self, key: str) -> dict[int, float]:
+        """step -> value of a logged scalar (val/* at each eval, train/* and moe/* at each
+        log step)."""
+        out = {}
+        for row in self.history:
+            v = row.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[int(row["_step"])] = float(v)
+        return out
+
+    def final(self, key: str = "val/loss") -> float:
+        """The value at the last step that logged it."""
+        s = self.series(key)
+        if not s:
+            raise RuntimeError(f"{self.out_dir}: the W&B run holds no {key}")
+        return s[max(s)]
+
+    def params(self) -> str:
+        """'total / active' from the model line, e.g. '4.56M / 0.89M'."""
+        m = re.search(r"params ([\d.]+\w*) total, ([\d.]+\w*) active", self.model_summary)
+        return f"{m.group(1)} / {m.group(2)}" if m else "-"
+
+    def to_json(self) -> dict[str, Any]:
+        evals = sorted({k for r in self.history for k in r if k.startswith("val/")})
+        return {
+            "name": self.name,
+            "experiment": self.experiment,
+            "out_dir": self.out_dir,
+            "cmd": self.cmd,
+            "wall_s": self.wall_s,
+            "reused": self.reused,
+            "model_summary": self.model_summary,
+            "curves": {k: self.series(k) for k in evals},
+        }
 
 
 @dataclass
-class QualityResult:
-    dense: ArmResult
-    moe: ArmResult
-    steps: int
-    tokens_per_step: int
-    target_loss: float  # the dense model's final validation loss
-    dense_steps: float | None
-    moe_steps: float | None
-    ratio: float | None  # moe_steps / dense_steps; None if the MoE never got there
+class SuiteResult:
+    suite: str
+    title: str
+    reference: str
+    quick: bool
+    columns: list[str]
+    rows: dict[str, list[str]]
+    targets: list[Target]
+    arms: dict[str, dict[str, Any]]
+    met: bool  # every target met
+    overrides: list[str]
     wall_s: float
-    overrides: list[str] = field(default_factory=list)
+    marks: list[Mark] = field(default_factory=list)
     plot: str | None = None
+
+
+# --------------------------------------------------------------------------- pure helpers
 
 
 def steps_to_reach(curve: Mapping[int, float], target: float) -> float | None:
@@ -93,18 +239,87 @@ def steps_to_reach(curve: Mapping[int, float], target: float) -> float | None:
     return None
 
 
-def format_table(dense: Mapping[int, float], moe: Mapping[int, float]) -> str:
-    """Both validation curves side by side, one row per eval step."""
-    rows = ["  step | dense val loss | moe val loss", "------+----------------+-------------"]
-    for s in sorted(set(dense) | set(moe)):
-        d = f"{dense[s]:.4f}" if s in dense else "-"
-        m = f"{moe[s]:.4f}" if s in moe else "-"
-        rows.append(f"{s:>6} | {d:>14} | {m:>12}")
+def at_most(what: str, value: float | None, bound: float, digits: int = 3) -> Target:
+    """A target `value <= bound`; an unmeasured value (None) is not met."""
+    met = value is not None and math.isfinite(value) and value <= bound
+    return Target(what, value, f"<= {bound:.{digits}g}", met)
+
+
+def at_least(what: str, value: float | None, bound: float, digits: int = 3) -> Target:
+    """A target `value >= bound`; an unmeasured value (None) is not met."""
+    met = value is not None and math.isfinite(value) and value >= bound
+    return Target(what, value, f">= {bound:.{digits}g}", met)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_curves(curves: Mapping[str, Mapping[int, float]], what: str = "val loss") -> str:
+    """Curves side by side (step -> value per arm), one row per step of any of them."""
+    names = list(curves)
+    widths = [max(len(n), 8) for n in names]
+    head = "  step | " + " | ".join(n.rjust(w) for n, w in zip(names, widths, strict=True))
+    rows = [f"{what} per eval step", head, "-" * len(head)]
+    steps = sorted({s for c in curves.values() for s in c})
+    for s in steps:
+        cells = [
+            (f"{curves[n][s]:.4f}" if s in curves[n] else "-").rjust(w)
+            for n, w in zip(names, widths, strict=True)
+        ]
+        rows.append(f"{s:>6} | " + " | ".join(cells))
     return "\n".join(rows)
 
 
-def write_plot(result: QualityResult, path: str | os.PathLike) -> Path | None:
-    """Both curves, the target line and where each arm reaches it, as a small PNG.
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A plain text table, columns padded to their widest cell."""
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = " | ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def verdict(t: Target) -> str:
+    return "met" if t.met else "NOT met"
+
+
+def report(r: SuiteResult) -> str:
+    """The printed summary of one suite: arms, curves, targets."""
+    head = ["arm", "experiment", "params total / active", *r.columns, "wall s"]
+    arm_rows = []
+    for name, arm in r.arms.items():
+        p = re.search(r"params ([\d.]+\w*) total, ([\d.]+\w*) active", arm["model_summary"])
+        params = f"{p.group(1)} / {p.group(2)}" if p else "-"
+        wall = f"{arm['wall_s']:.0f}" + (" (reused)" if arm["reused"] else "")
+        arm_rows.append([name, arm["experiment"], params, *r.rows.get(name, []), wall])
+    curves = {n: a["curves"].get("val/loss", {}) for n, a in r.arms.items()}
+    targets = [[t.what, fmt(t.value, 3), t.goal, verdict(t), t.note] for t in r.targets]
+    lines = [
+        f"== quality suite {r.suite}: {r.title}" + (" (--quick: not the figures)" * r.quick),
+        f"after: {r.reference}",
+        "",
+        format_table(head, arm_rows),
+        "",
+        format_curves(curves),
+        "",
+        format_table(["target", "measured", "goal", "verdict", "note"], targets),
+        f"suite {r.suite}: {'all targets met' if r.met else 'NOT all targets met'}; "
+        f"{r.wall_s:.0f}s",
+    ]
+    if r.plot:
+        lines.append(f"plot: {r.plot}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def write_plot(
+    result: SuiteResult, panels: Sequence[tuple[str, str]], path: str | os.PathLike
+) -> Path | None:
+    """Each panel's metric per arm over steps, with the suite's reference lines, as a PNG.
 
     Returns the path, or None (after saying why) when matplotlib is not installed.
     """
@@ -116,40 +331,57 @@ def write_plot(result: QualityResult, path: str | os.PathLike) -> Path | None:
     except ImportError:
         print(
             "quality: matplotlib is not installed, no plot written "
-            "(pip install matplotlib, then rerun)",
+            '(pip install "xpar[bench]", then rerun)',
             flush=True,
         )
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for arm, color in ((result.dense, "tab:blue"), (result.moe, "tab:orange")):
-        steps = sorted(arm.val_curve)
-        xs, ys = steps, [arm.val_curve[s] for s in steps]
-        ax.plot(xs, ys, marker="o", markersize=3, color=color, label=arm.name)
-    ax.axhline(result.target_loss, color="gray", linestyle="--", linewidth=1)
-    for steps, color in ((result.dense_steps, "tab:blue"), (result.moe_steps, "tab:orange")):
-        if steps is not None:
-            ax.axvline(steps, color=color, linestyle=":", linewidth=1)
-    # The first evals sit far above the rest; start the y axis near the interesting part.
-    later = [v for a in (result.dense, result.moe) for s, v in a.val_curve.items() if s > 0]
-    if later:
-        top = max(later)
-        low = min(v for a in (result.dense, result.moe) for v in a.val_curve.values())
-        ax.set_ylim(low - 0.05 * (top - low), top)
-    ratio = f"{result.ratio:.2f}" if result.ratio is not None else "not reached"
-    ax.set_title(
-        f"Validation loss, equal active params; moe/dense steps to dense final: {ratio}",
+    colors = {n: f"C{i}" for i, n in enumerate(result.arms)}
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6.4 * len(panels), 4.0), dpi=100, squeeze=False
+    )
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        _draw_panel(ax, result, key, label, colors)
+        for m in result.marks:
+            if m.panel == key:
+                line = ax.axhline if m.kind == "h" else ax.axvline
+                line(m.value, color=colors.get(m.arm, "gray"), linestyle="--", linewidth=1)
+    met = sum(t.met for t in result.targets)
+    fig.suptitle(
+        f"{result.suite}: {result.title} ({met}/{len(result.targets)} targets met)"
+        + (" [--quick]" if result.quick else ""),
         fontsize=9,
     )
-    ax.set_xlabel(f"step ({result.tokens_per_step} tokens each)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _draw_panel(ax, result: SuiteResult, key: str, label: str, colors: dict) -> None:
+    values = []
+    for name, arm in result.arms.items():
+        curve = arm["curves"].get(key) or {}
+        steps = sorted(curve)
+        if steps:
+            ys = [curve[s] for s in steps]
+            ax.plot(steps, ys, marker="o", markersize=3, color=colors[name], label=name)
+            values += [(s, v) for s, v in zip(steps, ys, strict=True)]
+    # A loss's first evals sit far above the rest: start the y axis near the interesting part.
+    later = [v for s, v in values if s > 0]
+    if key.endswith("loss") and later:
+        low, top = min(v for _, v in values), max(later)
+        if top > low:
+            ax.set_ylim(low - 0.05 * (top - low), top)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    if values:
+        ax.legend(loc="best", fontsize=8)
+
+
+# --------------------------------------------------------------------------- reading runs
 
 
 def read_val_curve(out_dir: str | os.PathLike) -> dict[int, float]:
@@ -161,13 +393,29 @@ def read_val_curve(out_dir: str | os.PathLike) -> dict[int, float]:
     return curve
 
 
-def _child_env(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    root = str(Path(xpar.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path:
+    """The checkpoint directory a finished run's checkpoints/latest names."""
+    root = Path(out_dir) / "checkpoints"
+    try:
+        name = (root / "latest").read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise RuntimeError(f"{root}: no latest checkpoint ({e}); did the run finish?") from e
+    return root / name
+
+
+def code_fingerprint() -> str:
+    """sha256 over the trainer's code and configs (xpar/ except xpar/bench, and conf/)."""
+    from xpar.config.store import CONFIG_DIR
+
+    pkg = Path(xpar.__file__).resolve().parent
+    files = [p for p in pkg.rglob("*.py") if "bench" not in p.relative_to(pkg).parts[:1]]
+    files += list(Path(CONFIG_DIR).rglob("*.yaml"))
+    h = hashlib.sha256()
+    for p in sorted(files):
+        if "__pycache__" in p.parts:
+            continue
+        h.update(str(p.name).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _last_step(metrics: Path) -> int:
@@ -194,198 +442,310 @@ def _model_line(log: Path) -> str:
     return ""
 
 
-def run_benchmark(
-    *,
-    steps: int | None = None,
-    out: str | os.PathLike = "outputs/quality",
-    overrides: Sequence[str] = (),
-    jobs: int = 2,
-    plot: str | os.PathLike | None = None,
-    progress_every_s: float = 30.0,
-) -> QualityResult:
-    """Train both arms, read their validation curves back, compare. See the module doc."""
-    t0 = time.perf_counter()
-    out = Path(out).resolve()
-    common = list(overrides) + ([f"train.steps={steps}"] if steps is not None else [])
-    d = _compose_fair_arms(common)
-    n_steps = d.train.steps
-    tokens_per_step = d.train.micro_batch_size * d.train.grad_accum * d.data.seq_len
-    jobs = max(1, min(int(jobs), len(ARMS)))
-    env = _child_env(max(1, (os.cpu_count() or 1) // jobs))
-    out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"quality: dense vs MoE, {n_steps} steps x {tokens_per_step} tokens, eval every "
-        f"{d.train.eval_every} steps on {d.train.eval_batches} batches; {jobs} job(s) at once, "
-        f"{env['OMP_NUM_THREADS']} thread(s) each; logs in {out}/<arm>.log",
-        flush=True,
-    )
-    runner = _ArmRunner(out, common, n_steps, env, t0)
-    walls = runner.run_all(jobs, progress_every_s)
-    result = _compare(out, walls, n_steps, tokens_per_step, common)
-    png = write_plot(result, plot if plot is not None else out / "quality.png")
-    result.plot = str(png) if png else None
-    result.wall_s = time.perf_counter() - t0
-    (out / "quality.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return result
+# --------------------------------------------------------------------------- planning
 
 
-def _compose_fair_arms(common: list[str]):
-    """Both arms composed up front (a config mistake fails in a second, not after a run),
-    and the fairness conditions checked on what will actually run; returns the dense arm."""
-    cfgs = {
-        name: compose_config([f"experiment={exp}", *common], world_size=1)
-        for name, exp in ARMS.items()
+def collect_arms(suites: Sequence[Suite]) -> list[Arm]:
+    """Every arm of the suites once, in order; the same name must mean the same arm, and
+    every arm an arm waits for must be among them."""
+    arms: dict[str, Arm] = {}
+    for s in suites:
+        for a in s.arms:
+            if a.name in arms and arms[a.name] != a:
+                raise ValueError(
+                    f"quality: suites define arm {a.name!r} twice, differently: "
+                    f"{arms[a.name]} and {a}; give one of them another name"
+                )
+            arms.setdefault(a.name, a)
+    for a in arms.values():
+        missing = [n for n in a.after if n not in arms]
+        if missing:
+            raise ValueError(f"quality: arm {a.name!r} waits for {missing}, which no suite trains")
+    return list(arms.values())
+
+
+def unfair_fields(
+    plain: Mapping[str, Mapping[str, Any]], may_differ: Sequence[str] = ()
+) -> list[str]:
+    """Dotted fields of train/data/optim/task that differ between the arms' plain configs
+    (arm name -> to_plain_dict), ignoring train.out_dir and the may_differ fields (a field
+    or a whole node, e.g. train.distill)."""
+    skip = {"train.out_dir", *may_differ}
+    flat = {
+        n: _flatten({k: c.get(k) for k in ("train", "data", "optim", "task")})
+        for n, c in plain.items()
     }
-    d, m = cfgs["dense"], cfgs["moe"]
-    if d.has_moe or not m.has_moe:
-        raise ValueError("quality: experiment quality_dense must be dense and quality_moe MoE")
-    for what in ("train", "data", "optim"):
-        a, b = getattr(d, what), getattr(m, what)
-        if what == "train":  # each arm has its own output folder
-            a, b = replace(a, out_dir="x"), replace(b, out_dir="x")
-        if a != b:
-            raise ValueError(
-                f"quality: the two arms differ in {what}.*; the comparison needs the same "
-                "data, steps and lr schedule (change both experiment files together)"
-            )
-    return d
+    keys = sorted({k for f in flat.values() for k in f})
+    out = []
+    for k in keys:
+        if any(k == s or k.startswith(s + ".") for s in skip):
+            continue
+        if len({json.dumps(f.get(k), sort_keys=True) for f in flat.values()}) > 1:
+            out.append(k)
+    return out
 
 
-class _ArmRunner:
-    """Runs the arms as trainer processes, `jobs` at a time, reporting progress."""
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping) or not d:
+        return {prefix: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
-    def __init__(self, out: Path, common: list[str], n_steps: int, env: dict, t0: float):
-        self.out, self.common, self.n_steps, self.env, self.t0 = out, common, n_steps, env, t0
-        self.running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
-        self.walls: dict[str, float] = {}
 
-    def run_all(self, jobs: int, progress_every_s: float) -> dict[str, float]:
-        pending = list(ARMS.items())
+def _compose_all(arms: Sequence[Arm], suites: Sequence[Suite], user: list[str]) -> dict:
+    """Every arm composed up front (a config mistake fails in seconds, not after a run) and
+    each suite's fairness groups checked; returns arm name -> its config."""
+    from xpar.config.store import compose_config, to_plain_dict
+
+    cfgs = {
+        a.name: compose_config([f"experiment={a.experiment}", *a.overrides, *user], world_size=1)
+        for a in arms
+    }
+    for s in suites:
+        for group in s.fair:
+            diff = unfair_fields({n: to_plain_dict(cfgs[n]) for n in group}, s.may_differ)
+            if diff:
+                raise ValueError(
+                    f"quality: suite {s.name}'s arms {', '.join(group)} differ in "
+                    f"{', '.join(diff)}; the comparison needs the same data, steps and "
+                    "schedule (change their experiment files together)"
+                )
+    return cfgs
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    root = str(Path(xpar.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ArmRunner:
+    """Trains arms as trainer processes, `jobs` at a time, an arm once the arms it waits for
+    have finished; reuses a finished run whose record matches (see the module doc)."""
+
+    def __init__(  # noqa: PLR0913 -- the runner's whole setup, named
+        self,
+        out: Path,
+        user: list[str],
+        steps: Mapping[str, int],
+        jobs: int,
+        fresh: bool = False,
+        progress_every_s: float = 30.0,
+    ):
+        self.out, self.user, self.steps, self.jobs = out, user, steps, max(1, jobs)
+        self.fresh, self.progress_every_s = fresh, progress_every_s
+        self.env = _child_env(max(1, (os.cpu_count() or 1) // self.jobs))
+        self.code = code_fingerprint()
+        self.t0 = time.perf_counter()
+        self.running: dict[str, tuple[Arm, subprocess.Popen, float, list[str], str]] = {}
+        self.done: dict[str, ArmRun] = {}
+        self.keys: dict[str, str] = {}
+
+    def run_all(self, arms: Sequence[Arm]) -> dict[str, ArmRun]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        pending = list(arms)
         last_report = time.perf_counter()
         try:
             while pending or self.running:
-                while pending and len(self.running) < jobs:
-                    self._launch(*pending.pop(0))
-                time.sleep(0.5)
+                for arm in [a for a in pending if all(n in self.done for n in a.after)]:
+                    if len(self.running) >= self.jobs:
+                        break
+                    pending.remove(arm)
+                    self._start(arm)
+                time.sleep(0.2 if self.running else 0)
                 self._reap()
-                if self.running and time.perf_counter() - last_report >= progress_every_s:
+                if self.running and time.perf_counter() - last_report >= self.progress_every_s:
                     last_report = time.perf_counter()
                     self._report(last_report)
         finally:
-            for proc, _, _ in self.running.values():
+            for _, proc, _, _, _ in self.running.values():
                 proc.kill()
                 proc.wait()
-        return self.walls
+        return self.done
 
-    def _launch(self, name: str, exp: str) -> None:
-        arm_dir = self.out / name
-        shutil.rmtree(arm_dir, ignore_errors=True)  # resume=never, and one W&B run
-        cmd = [
+    def _command(self, arm: Arm) -> list[str]:
+        late = list(arm.late({n: self.out / n for n in arm.after})) if arm.late else []
+        return [
             sys.executable,
             "-m",
             "xpar.train",
-            f"experiment={exp}",
-            *self.common,
-            f"train.out_dir={arm_dir}",
+            f"experiment={arm.experiment}",
+            *arm.overrides,
+            *self.user,
+            *late,
+            f"train.out_dir={self.out / arm.name}",
             "train.resume=never",
             "logger.wandb_mode=offline",
             "logger.progress_bar=never",
-            f"train.ckpt_every={self.n_steps}",  # one checkpoint, at the end
+            f"train.ckpt_every={self.steps[arm.name]}",  # one checkpoint, at the end
         ]
-        log = self.out / f"{name}.log"
+
+    def _key(self, arm: Arm, cmd: list[str]) -> str:
+        what = {
+            "cmd": cmd,
+            "threads": self.env["OMP_NUM_THREADS"],
+            "code": self.code,
+            "after": [self.keys[n] for n in arm.after],
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def _start(self, arm: Arm) -> None:
+        cmd = self._command(arm)
+        key = self.keys[arm.name] = self._key(arm, cmd)
+        arm_dir, log = self.out / arm.name, self.out / f"{arm.name}.log"
+        if not self.fresh:
+            reused = self._reuse(arm, key, cmd)
+            if reused is not None:
+                self.done[arm.name] = reused
+                print(f"quality: {arm.name}: reusing the finished run in {arm_dir}", flush=True)
+                return
+        shutil.rmtree(arm_dir, ignore_errors=True)  # resume=never, and one W&B run
         with open(log, "w", encoding="utf-8") as f:
             f.write(" ".join(cmd) + "\n")
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
-        self.running[name] = (proc, time.perf_counter(), log)
+        self.running[arm.name] = (arm, proc, time.perf_counter(), cmd, key)
+
+    def _reuse(self, arm: Arm, key: str, cmd: list[str]) -> ArmRun | None:
+        try:
+            record = json.loads((self.out / arm.name / RECORD).read_text())
+            if record.get("key") != key:
+                return None
+            return self._read(arm, cmd, float(record["wall_s"]), reused=True)
+        except (OSError, ValueError, KeyError, RuntimeError):
+            return None  # no record, another command, or a run that cannot be read: retrain
+
+    def _read(self, arm: Arm, cmd: list[str], wall_s: float, reused: bool) -> ArmRun:
+        arm_dir = self.out / arm.name
+        latest_checkpoint(arm_dir)  # a finished run has its final checkpoint
+        history = read_offline_run(arm_dir)["history"]
+        if not any("val/loss" in r for r in history):
+            raise RuntimeError(f"{arm_dir}: the W&B run holds no val/loss (did it finish?)")
+        return ArmRun(
+            name=arm.name,
+            experiment=arm.experiment,
+            out_dir=str(arm_dir),
+            cmd=cmd,
+            wall_s=wall_s,
+            reused=reused,
+            model_summary=_model_line(self.out / f"{arm.name}.log"),
+            history=history,
+        )
 
     def _reap(self) -> None:
-        for name, (proc, started, log) in list(self.running.items()):
+        for name, (arm, proc, started, cmd, key) in list(self.running.items()):
             if proc.poll() is None:
                 continue
             del self.running[name]
-            self.walls[name] = time.perf_counter() - started
+            log = self.out / f"{name}.log"
             if proc.returncode != 0:
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
                 raise RuntimeError(
                     f"quality: the {name} run failed (exit {proc.returncode}); "
                     f"last lines of {log}:\n{tail}"
                 )
+            wall = time.perf_counter() - started
+            self.done[name] = self._read(arm, cmd, wall, reused=False)
+            record = {
+                "key": key,
+                "cmd": cmd,
+                "wall_s": wall,
+                "threads": self.env["OMP_NUM_THREADS"],
+            }
+            (self.out / name / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            print(f"quality: {name} done in {wall:.0f}s", flush=True)
 
     def _report(self, now: float) -> None:
         where = ", ".join(
-            f"{n} step {_last_step(self.out / n / 'metrics.jsonl')}/{self.n_steps}"
+            f"{n} step {_last_step(self.out / n / 'metrics.jsonl')}/{self.steps[n]}"
             for n in self.running
         )
         print(f"quality: {where} ({now - self.t0:.0f}s)", flush=True)
 
 
-def _compare(
-    out: Path, walls: dict[str, float], n_steps: int, tokens_per_step: int, common: list[str]
-) -> QualityResult:
-    arms = {
-        name: ArmResult(
-            name=name,
-            experiment=exp,
-            out_dir=str(out / name),
-            val_curve=read_val_curve(out / name),
-            wall_s=walls[name],
-            model_summary=_model_line(out / f"{name}.log"),
-        )
-        for name, exp in ARMS.items()
-    }
-    dense, moe = arms["dense"], arms["moe"]
-    target = dense.val_curve[max(dense.val_curve)]
-    dense_steps = steps_to_reach(dense.val_curve, target)
-    moe_steps = steps_to_reach(moe.val_curve, target)
-    ratio = moe_steps / dense_steps if moe_steps is not None and dense_steps else None
-    return QualityResult(
-        dense=dense,
-        moe=moe,
-        steps=n_steps,
-        tokens_per_step=tokens_per_step,
-        target_loss=target,
-        dense_steps=dense_steps,
-        moe_steps=moe_steps,
-        ratio=ratio,
+def run_suites(  # noqa: PLR0913 -- the command line's options, named
+    suites: Sequence[Suite],
+    *,
+    out: str | os.PathLike = "outputs/quality",
+    overrides: Sequence[str] = (),
+    steps: int | None = None,
+    jobs: int = 2,
+    quick: bool = False,
+    fresh: bool = False,
+    progress_every_s: float = 30.0,
+) -> list[SuiteResult]:
+    """Train every arm of the suites (each once), then judge each suite. See the module doc."""
+    t0 = time.perf_counter()
+    out = Path(out).resolve()
+    # The order on each arm's command line (the last value of a key wins): QUICK, the arm's
+    # own overrides (and its quick ones), then the caller's.
+    user = list(overrides) + ([f"train.steps={steps}"] if steps is not None else [])
+    common = list(QUICK) + user if quick else user
+    arms = collect_arms(suites)
+    if quick:
+        arms = [replace(a, overrides=(*QUICK, *a.overrides, *a.quick), quick=()) for a in arms]
+    cfgs = _compose_all(arms, suites, user)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = ArmRunner(
+        out, user, {n: c.train.steps for n, c in cfgs.items()}, jobs, fresh, progress_every_s
+    )
+    print(
+        f"quality: suite(s) {', '.join(s.name for s in suites)}: {len(arms)} arm(s) "
+        f"({', '.join(a.name for a in arms)}); {runner.jobs} at once, "
+        f"{runner.env['OMP_NUM_THREADS']} thread(s) each; logs in {out}/<arm>.log",
+        flush=True,
+    )
+    runs = runner.run_all(arms)
+    results = []
+    for s in suites:
+        r = judge(s, runs, quick=quick, overrides=common)
+        r.wall_s = time.perf_counter() - t0
+        png = write_plot(r, s.panels, out / f"{s.name}.png")
+        r.plot = str(png) if png else None
+        (out / f"{s.name}.json").write_text(json.dumps(asdict(r), indent=2) + "\n")
+        results.append(r)
+    return results
+
+
+def judge(
+    suite: Suite, runs: Mapping[str, ArmRun], quick: bool = False, overrides: Sequence[str] = ()
+) -> SuiteResult:
+    """A suite's result from its arms' runs: the evaluate() table and targets."""
+    mine = {a.name: runs[a.name] for a in suite.arms}
+    o = suite.evaluate(mine)
+    return SuiteResult(
+        suite=suite.name,
+        title=suite.title,
+        reference=suite.reference,
+        quick=quick,
+        columns=o.columns,
+        rows=o.rows,
+        targets=o.targets,
+        arms={n: r.to_json() for n, r in mine.items()},
+        met=all(t.met for t in o.targets),
+        overrides=list(overrides),
         wall_s=0.0,
-        overrides=common,
+        marks=o.marks,
     )
 
 
-def report(r: QualityResult) -> str:
-    """The printed summary: models, table, steps to the dense final loss, ratio, times."""
-    lines = [
-        f"dense: {r.dense.model_summary}",
-        f"moe:   {r.moe.model_summary}",
-        "",
-        format_table(r.dense.val_curve, r.moe.val_curve),
-        "",
-        f"target: dense final validation loss {r.target_loss:.4f} (step {r.steps})",
-        f"steps to reach it: dense {_fmt_steps(r.dense_steps)}, moe {_fmt_steps(r.moe_steps)}",
-    ]
-    if r.ratio is None:
-        lines.append(f"ratio moe/dense: - (the MoE did not reach it in {r.steps} steps)")
-    else:
-        verdict = "met" if r.ratio <= TARGET_RATIO else "NOT met"
-        lines.append(f"ratio moe/dense: {r.ratio:.3f} (goal <= {TARGET_RATIO}: {verdict})")
-    lines.append(
-        f"wall time: dense {r.dense.wall_s:.0f}s, moe {r.moe.wall_s:.0f}s, "
-        f"benchmark {r.wall_s:.0f}s"
-    )
-    if r.plot:
-        lines.append(f"plot: {r.plot}")
-    return "\n".join(lines)
-
-
-def _fmt_steps(s: float | None) -> str:
-    return "not reached" if s is None else f"{s:.1f}"
+# --------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> None:
+    from xpar.bench.quality_suites import SUITES
+
     args = _parser().parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Under torchrun every rank would train both arms into the same folder.
+        # Under torchrun every rank would train every arm into the same folder.
         print(
             f"python -m xpar.bench quality starts its own trainer processes: run it once, "
             f"without torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']} here): "
@@ -394,33 +754,52 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         raise SystemExit(2)
-    r = run_benchmark(
-        steps=args.steps, out=args.out, overrides=args.overrides, jobs=args.jobs, plot=args.plot
+    suites = list(SUITES.values()) if args.suite == "all" else [SUITES[args.suite]]
+    results = run_suites(
+        suites,
+        out=args.out,
+        overrides=args.overrides,
+        steps=args.steps,
+        jobs=args.jobs,
+        quick=args.quick,
+        fresh=args.fresh,
     )
-    print(report(r), flush=True)
+    for r in results:
+        print("\n" + report(r), flush=True)
+    if len(results) > 1:
+        met = [r.suite for r in results if r.met]
+        print(f"\nquality: {len(met)}/{len(results)} suites met every target", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
+    from xpar.bench.quality_suites import SUITES
+
+    listed = "\n".join(f"  {s.name:<13} {s.title}" for s in SUITES.values())
     ap = argparse.ArgumentParser(
         prog="python -m xpar.bench quality",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Dense vs MoE at equal active parameters: validation loss per step.\n"
-        "Trains conf/experiment/quality_dense.yaml and quality_moe.yaml with the real trainer\n"
-        "(one process each, a world of one), then prints both curves, the steps each arm needs\n"
-        "to reach the dense model's final validation loss, and their ratio (goal: <= 0.7).",
-        epilog="Writes OUT/dense/ and OUT/moe/ (the runs), OUT/quality.json and the plot.\n"
-        "Run it with plain python, not torchrun, e.g.\n"
-        "  python -m xpar.bench quality --steps 100 train.eval_every=25",
+        description="Quality suites: arms trained with the real trainer (one process each, a\n"
+        "world of one), each suite the direction of a published result, printed as a table\n"
+        "with its targets (met / not met) and written as OUT/<suite>.json and OUT/<suite>.png.",
+        epilog=f"suites:\n{listed}\n\n"
+        "Writes OUT/<arm>/ (the runs, reused while command and code are unchanged) and\n"
+        "OUT/<arm>.log. Run it with plain python, not torchrun, e.g.\n"
+        "  python -m xpar.bench quality --suite aux_free\n"
+        "  python -m xpar.bench quality --suite all --quick",
     )
+    ap.add_argument("--suite", default=DEFAULT_SUITE, choices=[*SUITES, "all"],
+                    help="the suite to run, or all (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny models, 4 steps: checks the pipeline, not the figures (CI)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=None,
-                    help="training steps per arm (default: train.steps of the yaml files)")  # fmt: skip
+                    help="training steps of every arm (default: train.steps of its yaml file)")  # fmt: skip
     ap.add_argument("--out", default="outputs/quality",
-                    help="output folder; its dense/ and moe/ are replaced (default: %(default)s)")  # fmt: skip
+                    help="output folder (default: %(default)s)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2, choices=[1, 2],
                     help="arms trained at once, each with its share of the CPU threads "
                     "(default: 2)")  # fmt: skip
-    ap.add_argument("--plot", default=None,
-                    help="PNG path for the curves; needs matplotlib (default: OUT/quality.png)")  # fmt: skip
+    ap.add_argument("--fresh", action="store_true",
+                    help="train every arm again, even when OUT holds its finished run")  # fmt: skip
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                    help="Hydra overrides applied to both arms, e.g. train.eval_every=25")  # fmt: skip
+                    help="Hydra overrides applied to every arm, e.g. train.eval_every=25")  # fmt: skip
     return ap
