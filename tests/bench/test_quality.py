@@ -295,10 +295,13 @@ def test_a_finished_arm_is_reused_only_with_the_same_command_and_code(tmp_path, 
 
 
 @pytest.mark.slow
-def test_quick_suite_end_to_end(tmp_path, capsys):
+def test_quick_suite_end_to_end(tmp_path, capsys, monkeypatch):
     """Both aux_free arms really train (two trainer processes), curves and MaxVio come back
     from W&B, the table, targets, JSON and PNG are written; a second call reuses the runs."""
     pytest.importorskip("matplotlib")
+    # The code's own fingerprint is tested above; here a checkout edited during the test
+    # (a shared working tree) must not turn reuse off.
+    monkeypatch.setattr(quality, "code_fingerprint", lambda: "this checkout")
     out = tmp_path / "q"
     main(["--suite", "aux_free", "--quick", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -331,3 +334,17 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
     assert sorted(int(k) for k in third["arms"]["moe"]["curves"]["val/loss"]) == [0, 2]
     assert not any(a["reused"] for a in third["arms"].values())
     assert Path(third["arms"]["moe"]["out_dir"]).is_dir()
+
+
+def test_suite_option_takes_names_a_list_or_all():
+    ap = quality._parser()
+    assert ap.parse_args([]).suite == ["moe_vs_dense"]
+    assert ap.parse_args(["--suite", "aux_free,moe_vs_dense,aux_free"]).suite == [
+        "aux_free",
+        "moe_vs_dense",
+    ]
+    assert ap.parse_args(["--suite", "all"]).suite == ["all"]
+    assert ap.parse_args(["--steps", "3", "x=1"]).overrides == ["x=1"]
+    for bad in ("auxfree", "all,aux_free", ","):
+        with pytest.raises(SystemExit):
+            ap.parse_args(["--suite", bad])

@@ -1,7 +1,7 @@
 """Quality benchmark: suites of arms trained by the real trainer, each suite checking the
 direction of a published result, as a table with its target and a PNG.
 
-    python -m xpar.bench quality [--suite NAME|all] [--quick] [--jobs 2] [--steps N]
+    python -m xpar.bench quality [--suite NAME[,NAME...]|all] [--quick] [--jobs 2] [--steps N]
         [--out DIR] [--fresh] [OVERRIDE ...]
 
 A suite (xpar/bench/quality_suites.py) is a few arms, each an experiment file under
@@ -754,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         raise SystemExit(2)
-    suites = list(SUITES.values()) if args.suite == "all" else [SUITES[args.suite]]
+    suites = list(SUITES.values()) if args.suite == ["all"] else [SUITES[n] for n in args.suite]
     results = run_suites(
         suites,
         out=args.out,
@@ -769,6 +769,22 @@ def main(argv: list[str] | None = None) -> None:
     if len(results) > 1:
         met = [r.suite for r in results if r.met]
         print(f"\nquality: {len(met)}/{len(results)} suites met every target", flush=True)
+
+
+def _suite_names(suites: Mapping[str, Suite]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if names == ["all"]:
+            return names
+        bad = [n for n in names if n not in suites]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: no suite named {', '.join(bad) or '(none)'}; choose from "
+                f"{', '.join(suites)}, or all"
+            )
+        return list(dict.fromkeys(names))
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -787,8 +803,10 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m xpar.bench quality --suite aux_free\n"
         "  python -m xpar.bench quality --suite all --quick",
     )
-    ap.add_argument("--suite", default=DEFAULT_SUITE, choices=[*SUITES, "all"],
-                    help="the suite to run, or all (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--suite", default=[DEFAULT_SUITE], type=_suite_names(SUITES),
+                    metavar="NAME[,NAME...]|all",
+                    help="the suites to run, comma-separated, or all (default: "
+                    f"{DEFAULT_SUITE})")  # fmt: skip
     ap.add_argument("--quick", action="store_true",
                     help="tiny models, 4 steps: checks the pipeline, not the figures (CI)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=None,

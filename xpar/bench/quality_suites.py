@@ -269,7 +269,8 @@ def finetune(runs: Mapping[str, ArmRun]) -> Outcome:
 # --------------------------------------------------------------------------- the suites
 
 DENSE = Arm("dense", "quality_dense")
-MOE = Arm("moe", "quality_moe", quick=("moe.top_k=2",))  # top-4 of --quick's 4 is no routing
+QUICK_TOP2 = ("moe.top_k=2",)  # their top-4 of --quick's 4 experts would route nothing
+MOE = Arm("moe", "quality_moe", quick=QUICK_TOP2)
 ENC_TOP2 = Arm("enc_top2", "quality_encoder")
 
 
@@ -300,7 +301,7 @@ def _suites() -> Sequence[Suite]:
             name="aux_free",
             title="aux-loss-free bias vs the Switch balance loss: MaxVio and val loss",
             reference="Auxiliary-loss-free load balancing (Wang et al. 2024), DeepSeek-V3",
-            arms=(MOE, Arm("moe_bias", "quality_moe_auxfree")),
+            arms=(MOE, Arm("moe_bias", "quality_moe_auxfree", quick=QUICK_TOP2)),
             evaluate=aux_free,
             fair=(("moe", "moe_bias"),),
             panels=(
