@@ -1,0 +1,198 @@
+"""Expert-parallel traffic under group-limited routing, and EP parity of the soft routers and
+DeepSeek-style top-k, on real gloo ranks.
+
+Traffic: 4 ranks, EP=4, E=8 (2 experts per rank), n_groups=4, so the groups are the ranks;
+every rank routes the same tokens with topk_groups 4, 2 and 1 and counts what it sends to
+other ranks. Two figures per rank:
+- `dispatcher`: layer.dispatcher.traffic.bytes_sent, which today is one row per (token,
+  expert) assignment on another rank;
+- `per rank`: one row per (token, other rank) pair, what a dispatcher that sends a token
+  once to each rank and fans it out there (DeepSeek-V3's node-limited dispatch) would send,
+  computed from the plan.
+Group limits bound the ranks a token reaches, so only the second figure falls with
+topk_groups; the first is counted exactly and printed beside it.
+"""
+
+import pytest
+import torch
+
+from xpar.moe import MoEConfig, MoELayer
+from xpar.testing import run_distributed
+
+pytestmark = pytest.mark.slow
+
+D, L, E, RANKS = 16, 8, 8, 4
+
+
+def _traffic_layer(top_k, topk_groups, ep_group=None):
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=top_k,
+        d_ff=16,
+        capacity_factor=None,
+        router_options={"n_groups": RANKS, "topk_groups": topk_groups},
+    )
+    torch.manual_seed(7)
+    layer = MoELayer(D, cfg, ep_group=ep_group)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(8))
+    return layer
+
+
+def _traffic(rank, world, top_k, limits):
+    """{topk_groups: (dispatcher bytes, per-rank bytes, max other ranks per token, tokens)}"""
+    out = {}
+    x = torch.randn(3 + rank, L, D, generator=torch.Generator().manual_seed(100 + rank))
+    T = x.shape[0] * L
+    for tg in limits:
+        layer = _traffic_layer(top_k, tg)
+        assert layer.dispatcher.traffic.bytes_sent == 0
+        layer(x)
+        plan = layer.router(x.reshape(T, D), None)
+        dest_A = plan.expert_idx_A // (E // world)  # the rank holding each row's expert
+        off_A = dest_A != rank
+        pairs = {
+            (int(t), int(r)) for t, r in zip(plan.token_idx_A[off_A], dest_A[off_A], strict=True)
+        }
+        per_token = [sum(1 for t2, _ in pairs if t2 == t) for t in range(T)]
+        # The dispatcher counts every row it sends off-rank, 4 bytes per fp32 value.
+        assert layer.dispatcher.traffic.bytes_sent == int(off_A.sum()) * D * 4
+        assert layer.dispatcher.traffic.rows_sent == int(off_A.sum())
+        out[tg] = (layer.dispatcher.traffic.bytes_sent, len(pairs) * D * 4, max(per_token), T)
+    return out
+
+
+def _print_table(top_k, results):
+    print(f"\nbytes sent to other ranks, EP={RANKS}, E={E}, top_k={top_k}, D={D}, fp32")
+    print("rank  tokens  topk_groups  dispatcher  per rank  max other ranks/token")
+    for rank, per_tg in enumerate(results):
+        for tg, (disp, dedup, most, T) in per_tg.items():
+            print(f"{rank:>4}  {T:>6}  {tg:>11}  {disp:>10}  {dedup:>8}  {most:>21}")
+    for tg in results[0]:
+        disp = sum(r[tg][0] for r in results)
+        dedup = sum(r[tg][1] for r in results)
+        print(f" all  {sum(r[tg][3] for r in results):>6}  {tg:>11}  {disp:>10}  {dedup:>8}")
+
+
+def test_group_limited_routing_bounds_the_ranks_each_token_reaches():
+    results = run_distributed(_traffic, RANKS, 2, (4, 2, 1), timeout=300)
+    _print_table(2, results)
+    for rank, per_tg in enumerate(results):
+        T = per_tg[1][3]
+        # topk_groups=1: a token's two rows go to one rank, so at most one other rank ...
+        assert per_tg[1][2] <= 1, f"rank {rank}"
+        assert per_tg[1][1] <= T * D * 4
+        # ... while with 2 or 4 groups some tokens reach two other ranks.
+        assert per_tg[4][2] == 2 and per_tg[2][2] == 2, f"rank {rank}"
+        # Per (token, rank) the traffic falls with the group limit.
+        assert per_tg[1][1] < per_tg[2][1] and per_tg[1][1] < per_tg[4][1], f"rank {rank}"
+    total = {tg: sum(r[tg][1] for r in results) for tg in (1, 2, 4)}
+    assert total[1] < total[2] and total[1] < total[4]
+
+
+def test_with_top_4_the_traffic_falls_with_the_group_limit():
+    """top_k=4 (topk_groups >= 2 then: a group holds 2 experts) can reach every rank, so
+    topk_groups 4 and 2 are distinct bounds: at most 3 and 2 other ranks per token."""
+    results = run_distributed(_traffic, RANKS, 4, (4, 2), timeout=300)
+    _print_table(4, results)
+    for rank, per_tg in enumerate(results):
+        assert per_tg[2][2] == 2 and per_tg[4][2] == 3, f"rank {rank}"
+        assert per_tg[2][1] < per_tg[4][1], f"rank {rank}"
+        assert per_tg[2][1] <= per_tg[2][3] * 2 * D * 4
+
+
+# ----------------------------------------------------------------------- EP parity
+
+DEEPSEEK = {
+    "score_func": "sigmoid",
+    "n_groups": 4,
+    "topk_groups": 2,
+    "balance_loss": "sequence",
+    "route_scale": 1.5,
+    "bias_update_rate": 0.01,
+}
+PARITY = {
+    "soft": dict(router="soft", top_k=1, router_options={"slots_per_expert": 2}),
+    "soft_one_slot_swiglu": dict(router="soft", top_k=1, activation="swiglu"),
+    "soft_mix": dict(router="soft_mix", top_k=1, shared_expert_d_ff=12),
+    "topk_deepseek": dict(top_k=3, router_options=DEEPSEEK, shared_expert_d_ff=12),
+    "topk_deepseek_capacity": dict(top_k=2, capacity_factor=0.75, router_options=DEEPSEEK),
+}
+
+
+def _parity_layers(kw, ep_group):
+    cfg = MoEConfig(
+        num_experts=E, d_ff=24, **{"capacity_factor": None, "aux_loss_weight": 0.1, **kw}
+    )
+    layers = []
+    for group in ("local", ep_group):
+        torch.manual_seed(7)
+        layer = MoELayer(D, cfg, ep_group=group)
+        g = torch.Generator().manual_seed(8)
+        with torch.no_grad():
+            for p in layer.router.parameters():
+                p.normal_(0, 0.5, generator=g)
+            if hasattr(layer.router, "expert_bias_E"):
+                layer.router.expert_bias_E.copy_(torch.linspace(-0.3, 0.3, E))
+        layers.append(layer)
+    return layers
+
+
+def _batch(rank, empty_rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    B = 0 if rank == empty_rank else 1 + rank  # uneven; one rank may have no sequences
+    return torch.randn(B, 5, D, generator=g), torch.randn(B, 5, D, generator=g)
+
+
+def _errors(ep, x, y, aux, ref, rank, world, empty_rank):
+    import torch.distributed as dist
+
+    errs = {}
+    for r in range(world):
+        xr, cr = _batch(r, empty_rank)
+        xr.requires_grad_(True)
+        yr, auxr = ref(xr)
+        ((yr * cr).sum() + auxr.loss).backward()
+        if r == rank and x.numel():
+            errs["y"] = (y - yr).abs().max().item()
+            errs["x_grad"] = (x.grad - xr.grad).abs().max().item()
+            errs["aux"] = (aux.loss - auxr.loss).abs().item()
+    n = ep.experts.num_local
+    for pname in ("w1", "w2", "w3"):
+        got = getattr(ep.experts, pname)
+        if got is not None:
+            want = getattr(ref.experts, pname).grad[rank * n : (rank + 1) * n]
+            errs[pname] = (got.grad - want).abs().max().item()
+    replicated = list(ep.router.named_parameters())
+    if ep.shared_expert is not None:
+        replicated += [(f"shared.{k}", v) for k, v in ep.shared_expert.named_parameters()]
+    ref_params = list(ref.router.parameters())
+    if ref.shared_expert is not None:
+        ref_params += list(ref.shared_expert.parameters())
+    for (pname, p), p_ref in zip(replicated, ref_params, strict=True):
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)  # replicated parameters: the ranks' gradients add up
+        errs[pname] = (g - p_ref.grad).abs().max().item()
+    return errs
+
+
+def _parity(rank, world, cases, empty_rank):
+    out = {}
+    for name in cases:
+        ref, ep = _parity_layers(PARITY[name], None)
+        assert ep.ep_size == world
+        x, cot = _batch(rank, empty_rank)
+        x.requires_grad_(True)
+        y, aux = ep(x)
+        ((y * cot).sum() + aux.loss).backward()
+        out[name] = _errors(ep, x, y, aux, ref, rank, world, empty_rank)
+    return out
+
+
+@pytest.mark.parametrize("world,empty_rank", [(4, -1), (2, -1), (2, 1)])
+def test_soft_routers_and_deepseek_topk_under_expert_parallel_equal_one_process(world, empty_rank):
+    from test_layer_ep import check
+
+    results = run_distributed(_parity, world, list(PARITY), empty_rank, timeout=300)
+    check(results, tol=1e-5)
+    assert all(len(errs) >= 3 for per_case in results for errs in per_case.values())
