@@ -324,6 +324,8 @@ BAD = [
     ({"n_groups": 0}, 8, 2, r"moe\.router_options\.n_groups=0 is invalid"),
     ({"n_groups": 4, "topk_groups": 5}, 8, 2, r"topk_groups=5 is invalid.*n_groups=4"),
     ({"n_groups": 4, "topk_groups": 0}, 8, 2, r"topk_groups=0 is invalid"),
+    ({"n_groups": 4, "topk_groups": True}, 8, 2, r"topk_groups=True is invalid"),
+    ({"n_groups": "4"}, 8, 2, r"n_groups='4' is invalid"),
     ({"n_groups": 4, "topk_groups": 1}, 8, 3, r"moe\.top_k=3 is invalid.*hold only 2"),
     ({"n_groups": 8, "topk_groups": 2}, 8, 3, r"moe\.top_k=3 is invalid.*hold only 2"),
     ({"score_func": "tanh"}, 8, 2, r"score_func='tanh' is invalid.*softmax, sigmoid"),

@@ -172,7 +172,7 @@ class SoftMixRouter(LinearRouter):
     name = "soft_mix"
 
     @classmethod
-    def experts_per_token(cls, cfg) -> float:
+    def experts_per_token(cls, cfg, seq_len: int = 0) -> float:
         return float(cfg.num_experts)
 
     def forward(

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xpar.config.checks import bad, is_finite, is_number, need_choice, need_int
+from xpar.config.checks import bad, is_finite, is_int, is_number, need_choice, need_int
 from xpar.moe.losses import balance_terms, load_balancing_loss, sequence_balance_loss
 from xpar.moe.plan import RoutingPlan, plan_from_choices
 from xpar.moe.routers import LinearRouter, NaiveRoute, register
@@ -62,7 +62,7 @@ class TopKOptions:
         need_choice(prefix, self, "score_func", SCORE_FUNCS)
         need_choice(prefix, self, "balance_loss", BALANCE_LOSSES)
         need_int(prefix, self, "n_groups", 1, "use 1 (off) or a divisor of moe.num_experts")
-        if not isinstance(self.topk_groups, int) or not 1 <= self.topk_groups <= self.n_groups:
+        if not is_int(self.topk_groups) or not 1 <= self.topk_groups <= self.n_groups:
             raise bad(
                 prefix,
                 "topk_groups",
