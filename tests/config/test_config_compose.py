@@ -27,7 +27,9 @@ GROUPS = ("model", "moe", "data", "optim", "parallel", "logger", "experiment")
 # Options that need something from the command line to be complete.
 EXTRA = {("data", "files"): ["data.files=[corpus/*.jsonl]"]}
 # Options that compose but must be refused in this (causal, decoder-only) model.
-REFUSED = {("moe", "expert_choice"): "moe.router='expert_choice' is not allowed"}
+REFUSED = {
+    ("moe", n): f"moe.router='{n}' is not allowed" for n in ("expert_choice", "base", "soft")
+}
 
 
 def _options() -> list[tuple[str, str]]:

@@ -10,6 +10,13 @@ from xpar.config.store import compose_config
 from xpar.errors import XparConfigError
 
 
+def _options(group):
+    from xpar.config.store import CONFIG_DIR
+
+    names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    return ", ".join(names)
+
+
 def _error(*overrides: str) -> str:
     with pytest.raises(XparConfigError) as ei:
         compose_config(list(overrides), world_size=2, cuda_available=False)
@@ -33,7 +40,7 @@ def _error(*overrides: str) -> str:
         (
             "moe=topkk",
             "moe=topkk is not an option of moe (there is no moe/topkk.yaml); "
-            "did you mean moe=topk? (options: dense, expert_choice, switch, topk)",
+            "did you mean moe=topk? (options: " + _options("moe") + ")",
         ),  # fmt: skip
     ],
 )
@@ -58,7 +65,7 @@ def test_nothing_close_lists_what_there_is():
     option = _error("experiment=bigg")
     assert option == (
         "experiment=bigg is not an option of experiment (there is no experiment/bigg.yaml); "
-        "the options of experiment are quality_dense, quality_moe, tiny"
+        "the options of experiment are " + _options("experiment")
     )
 
 

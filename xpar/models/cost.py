@@ -81,7 +81,7 @@ def model_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> Mode
     lm_head = 0 if model_cfg.tie_embeddings else V * D
     total = embedding + lm_head + norms + attention + dense_ffn + moe
 
-    experts_per_token = router_cls.experts_per_token(moe_cfg) if n_moe else 0.0
+    experts_per_token = router_cls.experts_per_token(moe_cfg, seq_len=seq_len) if n_moe else 0.0
     active = total - n_moe * (moe_cfg.num_experts - experts_per_token) * per_expert
     if float(active).is_integer():
         active = int(active)

@@ -40,7 +40,7 @@ class HashRouter(LinearRouter):
     Options = _Options
 
     @classmethod
-    def experts_per_token(cls, cfg) -> float:
+    def experts_per_token(cls, cfg, seq_len=0) -> float:
         return 1.0
 
     def forward(self, x_TD, capacity_factor, token_ids_T=None, seq_len=0):

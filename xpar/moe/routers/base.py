@@ -73,7 +73,8 @@ class Router(nn.Module):
         """Config checks that only this router needs (raise XparConfigError)."""
 
     @classmethod
-    def experts_per_token(cls, cfg: MoEConfig) -> float:
+    def experts_per_token(cls, cfg: MoEConfig, seq_len: int = 0) -> float:
+        """Expert rows per token on average (the cost report); seq_len 0 = unknown."""
         return float(cfg.top_k)
 
     @classmethod

@@ -148,7 +148,7 @@ class BaseRouter(LinearRouter):
             )
 
     @classmethod
-    def experts_per_token(cls, cfg) -> float:
+    def experts_per_token(cls, cfg, seq_len: int = 0) -> float:
         return 1.0
 
     def forward(

@@ -41,7 +41,7 @@ class ExpertChoiceRouter(LinearRouter):
             )
 
     @classmethod
-    def experts_per_token(cls, cfg) -> float:
+    def experts_per_token(cls, cfg, seq_len: int = 0) -> float:
         # Each expert takes capacity_factor * T / E tokens: capacity_factor visits per token.
         return min(float(cfg.capacity_factor), float(cfg.num_experts))
 
