@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xpar.activations import ACTIVATIONS
-from xpar.config.checks import bad, build_options, is_number, need_choice, need_int
+from xpar.config.checks import bad, build_options, is_number, need_bool, need_choice, need_int
 from xpar.moe.plan import DROP_POLICIES
 
 BALANCE_SCOPES = ("micro_batch", "global")
@@ -48,6 +48,10 @@ class MoEConfig:
     # rank (one all-reduce of [E] counts per layer), so the loss does not depend on the
     # number of ranks.
     balance_scope: str = "micro_batch"
+    # Expert parallel: send a token once per rank holding any of its experts, fanned out to
+    # those experts there and summed there (weights travel along), instead of once per
+    # (token, expert); saves traffic when a token picks several experts of one rank.
+    dedup_dispatch: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,6 +73,7 @@ class MoEConfig:
         need_choice(prefix, self, "drop_policy", DROP_POLICIES)
         need_choice(prefix, self, "balance_scope", BALANCE_SCOPES)
         need_choice(prefix, self, "activation", ACTIVATIONS)
+        need_bool(prefix, self, "dedup_dispatch")
         for name in ("capacity_factor", "eval_capacity_factor"):
             cf = getattr(self, name)
             if cf is not None and (not is_number(cf) or not cf > 0 or math.isinf(cf)):

@@ -3,11 +3,16 @@
 LocalDispatcher: one process holds every expert (sort-based permutation, no
 one-hot [T, E, C] tensors). AllToAllDispatcher: experts sharded over an EP
 group; per-expert counts are exchanged first, then rows travel with
-all_to_all_single (uneven splits) and come back the same way. The only module
-in xpar/moe that talks to other ranks.
+all_to_all_single (uneven splits) and come back the same way, one row per
+(token, expert) assignment. DedupAllToAllDispatcher (moe.dedup_dispatch): one row
+per (token, destination rank); each assignment's row index on that rank and its
+combine weight travel beside the rows, the receiver fans rows out to its experts,
+weights and sums their outputs per row, and sends one row back per (token, rank).
+The only module in xpar/moe that talks to other ranks.
 
 Legend: T tokens, D model dim, E experts, e local experts, P EP ranks,
-A kept assignments (rows this rank sends), R rows this rank's experts compute.
+A kept assignments (this rank's), R rows this rank's experts compute (the
+assignments it receives), U (token, rank) rows this rank sends, V rows it receives.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ _ROWS_OUT = collective("all_to_all (MoE rows to experts)")
 _ROWS_BACK = collective("all_to_all (MoE rows back from experts)")
 _GRADS_BACK = collective("all_to_all (MoE row gradients back, in backward)")
 _GRADS_OUT = collective("all_to_all (MoE output gradients to experts, in backward)")
+_ROW_INDEX = collective("all_to_all (MoE row index per assignment, dedup dispatch)")
+_WEIGHTS_OUT = collective("all_to_all (MoE combine weights to experts, dedup dispatch)")
+_WEIGHT_GRADS = collective("all_to_all (MoE combine weight gradients back, in backward)")
 _LOAD_SUM = collective("all_reduce (MoE tokens per expert)")
 _BALANCE_SUM = collective("all_reduce (MoE balance-loss load over every rank)")
 
@@ -46,10 +54,13 @@ def sum_over_all_ranks(t: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Traffic:
     """Rows and bytes this rank's dispatcher sent to other ranks' experts (forward, the
-    tokens' way out; the way back is the same size), counted since it was built."""
+    tokens' way out; the way back is the same size), counted since it was built.
+    meta_bytes_sent: what travels beside the rows (dedup dispatch: a row index and a combine
+    weight per assignment on another rank; the weights' gradients come back in backward)."""
 
     rows_sent: int = 0
     bytes_sent: int = 0
+    meta_bytes_sent: int = 0
     calls: int = 0
 
 
@@ -82,6 +93,16 @@ class DispatchState:
     perm_R: torch.Tensor | None = None  # received (source, expert) order -> (expert, source)
     send_splits: list[int] | None = None
     recv_splits: list[int] | None = None
+
+
+@dataclass
+class DedupState(DispatchState):
+    """What the dedup dispatch's combine needs, beside the experts' counts."""
+
+    fan_R: torch.Tensor | None = None  # received row (of V) each expert row came from
+    weight_R: torch.Tensor | None = None  # each expert row's combine weight
+    token_U: torch.Tensor | None = None  # the token of each row this rank sent
+    row_splits: tuple[list[int], list[int]] | None = None  # rows sent, received per rank
 
 
 def combine_rows(out_AD: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:
@@ -182,14 +203,9 @@ class AllToAllDispatcher:
         self.traffic.calls += 1
         marks = (_ROWS_OUT, _GRADS_BACK)
         rows_RD = _AllToAll.apply(rows_AD, send_splits, recv_splits, self.group, marks)
-        perm_R = None
-        if e > 1 and P > 1:
-            # Received as [source rank][local expert]; experts want [local expert][source].
-            seg_R = torch.repeat_interleave(
-                torch.arange(P * e, device=x_TD.device), recv_counts_Pe.reshape(-1)
-            )
-            key_R = (seg_R % e) * P + seg_R // e
-            perm_R = torch.argsort(key_R, stable=True)
+        # Received as [source rank][local expert]; experts want [local expert][source].
+        perm_R = expert_major(recv_counts_Pe)
+        if perm_R is not None:
             rows_RD = rows_RD.index_select(0, perm_R)
         state = DispatchState(
             counts_e=recv_counts_Pe.sum(0).tolist(),
@@ -215,9 +231,121 @@ class AllToAllDispatcher:
         return _Pending(t, dist.all_reduce(t, group=self.group, async_op=True))
 
 
-def make_dispatcher(num_experts: int, ep_group) -> LocalDispatcher | AllToAllDispatcher:
+def unique_rows(
+    token_idx_A: torch.Tensor, dest_A: torch.Tensor, num_tokens: int, ep_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows a dedup dispatch sends, one per distinct (token, destination rank), ordered
+    by rank then token: (token_U, rows per rank [P], each assignment's row among those its
+    rank receives [A])."""
+    T = max(num_tokens, 1)
+    key_U, inv_A = torch.unique(dest_A * T + token_idx_A, sorted=True, return_inverse=True)
+    rows_P = torch.bincount(key_U // T, minlength=ep_size)
+    start_P = torch.cumsum(rows_P, 0) - rows_P
+    return key_U % T, rows_P, inv_A - start_P[dest_A]
+
+
+def expert_major(recv_counts_Pe: torch.Tensor) -> torch.Tensor | None:
+    """The permutation from received order ([source rank][local expert]) to the experts'
+    ([local expert][source rank]); None when it is the identity."""
+    P, e = recv_counts_Pe.shape
+    if e == 1 or P == 1:
+        return None
+    seg_R = torch.repeat_interleave(
+        torch.arange(P * e, device=recv_counts_Pe.device), recv_counts_Pe.reshape(-1)
+    )
+    return torch.argsort((seg_R % e) * P + seg_R // e, stable=True)
+
+
+def received_row(
+    row_R: torch.Tensor, recv_counts_Pe: torch.Tensor, recv_rows_P: torch.Tensor
+) -> torch.Tensor:
+    """Each received assignment's row among all V received rows: its index on its source's
+    rows plus the rows of the sources before (rows arrive numbered source by source)."""
+    src_R = torch.repeat_interleave(
+        torch.arange(recv_rows_P.numel(), device=row_R.device), recv_counts_Pe.sum(1)
+    )
+    return row_R.long() + (torch.cumsum(recv_rows_P, 0) - recv_rows_P)[src_R]
+
+
+class DedupAllToAllDispatcher(AllToAllDispatcher):
+    """AllToAllDispatcher that sends a token once per destination rank (moe.dedup_dispatch).
+
+    Forward: rows x[token_U] to their ranks; per assignment its row index there (int32,
+    not differentiable) and its combine weight (differentiable: the router's gradient comes
+    back through the reverse exchange). The receiver computes expert rows out_RD from the
+    fanned-out rows, sums weight * out per received row, and sends one row back per
+    (token, rank); the sender adds them onto the tokens. Backward is autograd through the
+    index ops and the differentiable exchanges. The assignments' local experts need no
+    message: the counts exchange already says how many each (source, expert) holds.
+    """
+
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DedupState]:
+        self._check_agreement(x_TD)
+        P, e, D = self.ep_size, self.num_local, x_TD.shape[1]
+        dest_A = plan.expert_idx_A // e
+        token_U, rows_P, row_A = unique_rows(plan.token_idx_A, dest_A, x_TD.shape[0], P)
+        # One exchange: assignments per (rank, local expert), then rows per rank.
+        send_Pc = torch.cat([plan.counts_E.view(P, e), rows_P.unsqueeze(1)], dim=1)
+        recv_Pc = torch.empty_like(send_Pc)
+        with _COUNTS:  # the .tolist() waits for the exchange (NCCL returns before it ends)
+            dist.all_to_all_single(recv_Pc, send_Pc, group=self.group)
+            sums = [send_Pc[:, :e].sum(1), recv_Pc[:, :e].sum(1), rows_P, recv_Pc[:, e]]
+            send_asg, recv_asg, send_rows, recv_rows = torch.stack(sums).tolist()
+        self._count(send_asg, send_rows, D * x_TD.element_size(), plan.weight_A.element_size())
+        rows_VD = _AllToAll.apply(
+            x_TD.index_select(0, token_U),
+            send_rows,
+            recv_rows,
+            self.group,
+            (_ROWS_OUT, _GRADS_BACK),
+        )
+        row_R = row_A.new_empty(sum(recv_asg), dtype=torch.int32)
+        with _ROW_INDEX:
+            dist.all_to_all_single(
+                row_R, row_A.to(torch.int32), recv_asg, send_asg, group=self.group
+            )
+        weight_R = _AllToAll.apply(
+            plan.weight_A, send_asg, recv_asg, self.group, (_WEIGHTS_OUT, _WEIGHT_GRADS)
+        )
+        fan_R = received_row(row_R, recv_Pc[:, :e], recv_Pc[:, e])
+        perm_R = expert_major(recv_Pc[:, :e])
+        if perm_R is not None:
+            fan_R, weight_R = fan_R[perm_R], weight_R[perm_R]
+        state = DedupState(
+            counts_e=recv_Pc[:, :e].sum(0).tolist(),
+            fan_R=fan_R,
+            weight_R=weight_R,
+            token_U=token_U,
+            row_splits=(send_rows, recv_rows),
+        )
+        return rows_VD.index_select(0, fan_R), state
+
+    def _count(self, send_asg: list[int], send_rows: list[int], row_bytes: int, w_bytes: int):
+        off_rows = sum(send_rows) - send_rows[self.ep_rank]
+        off_asg = sum(send_asg) - send_asg[self.ep_rank]
+        self.traffic.rows_sent += off_rows
+        self.traffic.bytes_sent += off_rows * row_bytes
+        self.traffic.meta_bytes_sent += off_asg * (4 + w_bytes)  # int32 index + weight
+        self.traffic.calls += 1
+
+    def combine(self, out_RD: torch.Tensor, state: DedupState, plan: RoutingPlan) -> torch.Tensor:
+        send_rows, recv_rows = state.row_splits
+        w_R1 = state.weight_R.to(out_RD.dtype).unsqueeze(1)
+        # One row per received (token, source): the weighted sum of its experts' outputs.
+        y_VD = out_RD.new_zeros(sum(recv_rows), out_RD.shape[1])
+        y_VD = y_VD.index_add(0, state.fan_R, out_RD * w_R1)
+        marks = (_ROWS_BACK, _GRADS_OUT)
+        y_UD = _AllToAll.apply(y_VD, recv_rows, send_rows, self.group, marks)
+        y_TD = y_UD.new_zeros(plan.num_tokens, y_UD.shape[1])
+        return y_TD.index_add(0, state.token_U, y_UD)
+
+
+def make_dispatcher(
+    num_experts: int, ep_group, dedup: bool = False
+) -> LocalDispatcher | AllToAllDispatcher:
     """ep_group: a ProcessGroup; None for the whole world when torch.distributed is
-    initialised (else this process alone); "local" for this process alone."""
+    initialised (else this process alone); "local" for this process alone. dedup: under
+    expert parallel, send a token once per rank (DedupAllToAllDispatcher)."""
     if isinstance(ep_group, str):
         if ep_group != "local":
             raise XparConfigError(
@@ -230,4 +358,5 @@ def make_dispatcher(num_experts: int, ep_group) -> LocalDispatcher | AllToAllDis
         ep_group = dist.group.WORLD
     if dist.get_world_size(ep_group) == 1:
         return LocalDispatcher(num_experts)
-    return AllToAllDispatcher(num_experts, ep_group)
+    cls = DedupAllToAllDispatcher if dedup else AllToAllDispatcher
+    return cls(num_experts, ep_group)

@@ -38,7 +38,7 @@ class MoELayer(nn.Module):
         self.d_model = d_model
         # vocab_size: for routers that route by token id (a hash table over the vocabulary).
         self.router = get_router(cfg.router)(d_model, cfg, vocab_size=vocab_size)
-        self.dispatcher = make_dispatcher(cfg.num_experts, ep_group)
+        self.dispatcher = make_dispatcher(cfg.num_experts, ep_group, cfg.dedup_dispatch)
         self.experts = GroupedExperts(
             cfg.num_experts,
             d_model,
@@ -104,11 +104,7 @@ class MoELayer(nn.Module):
         """The router's balance loss; with moe.balance_scope=global (in training) its load
         f_i comes from the counts summed over every rank, so it does not depend on the rank
         count: the ranks' mean of E * sum f_i P_i is then the one-process loss."""
-        if (
-            self.cfg.balance_scope != "global"
-            or not self.training
-            or plan.balance_counts_E is None
-        ):
+        if self.cfg.balance_scope != "global" or not self.training or plan.balance_counts_E is None:
             return plan.lb_loss
         counts_E = self.dispatcher.sum_over_all_ranks(plan.balance_counts_E)
         return balance_loss_from_counts(counts_E, plan.balance_probs_E)
