@@ -22,7 +22,7 @@ from xpar.errors import XparConfigError
 from xpar.models.config import ModelConfig
 from xpar.models.cost import model_cost
 
-GROUPS = ("model", "moe", "data", "optim", "parallel", "logger", "experiment")
+GROUPS = ("model", "moe", "data", "optim", "parallel", "logger", "task", "experiment")
 
 # Options that need something from the command line to be complete.
 EXTRA = {("data", "files"): ["data.files=[corpus/*.jsonl]"]}

@@ -34,6 +34,7 @@ from xpar.errors import XparConfigError
 from xpar.models.config import ModelConfig, check_causal, moe_block_ids
 from xpar.moe.config import MoEConfig
 from xpar.redact import looks_like_secret
+from xpar.train.task_config import DistillConfig, TaskConfig
 
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant", "linear")
@@ -235,11 +236,14 @@ class TrainConfig:
     verbose: bool = False
     max_bad_steps: int = 3  # consecutive non-finite or diverged steps before the run stops
     max_loss: float = 0.0  # a loss above this is a diverged step; 0 = 4 x ln(vocab size)
+    # A frozen teacher's soft targets in the loss (teacher "" = off).
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self, prefix: str = "train") -> None:
+        self.distill.validate(f"{prefix}.distill")
         need_int(prefix, self, "steps", 1, "train for >= 1 optimizer steps")
         need_int(prefix, self, "micro_batch_size", 1, "use >= 1 sequences per rank per micro step")
         need_int(prefix, self, "grad_accum", 1, "use >= 1 micro steps per optimizer step")
@@ -299,6 +303,7 @@ class XparConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
         self._check_static()
@@ -342,6 +347,7 @@ class XparConfig:
             self.parallel,
             self.logger,
             self.train,
+            self.task,
         ):
             node.validate()
         self._check_static()
@@ -371,6 +377,7 @@ class XparConfig:
                 "or moe.every=0 (moe=dense) for a dense model"
             )
         check_causal(m, moe)
+        self._check_task()
         if m.max_seq_len < d.seq_len:
             raise XparConfigError(
                 f"model.max_seq_len={m.max_seq_len} is smaller than data.seq_len={d.seq_len}: "
@@ -384,6 +391,27 @@ class XparConfig:
                 raise XparConfigError(
                     f"model.vocab_size={m.vocab_size} is smaller than the byte tokenizer's "
                     f"{need} ids: use model.vocab_size=0 (take it from the tokenizer) or >= {need}"
+                )
+
+    def _check_task(self) -> None:
+        t, distill = self.task, self.train.distill
+        if t.kind == "classify" and distill.enabled:
+            raise XparConfigError(
+                f"train.distill.teacher={distill.teacher!r} is set with task.kind=classify: "
+                "distillation matches the teacher's token distributions (an LM task); "
+                "set train.distill.teacher='' or task.kind=lm"
+            )
+        if distill.enabled:
+            from xpar.train.teacher import saved_run
+
+            run = saved_run(distill.teacher)
+            theirs = run.get("tokenizer", {}).get("spec")
+            if theirs != self.data.tokenizer:
+                raise XparConfigError(
+                    f"train.distill.teacher={distill.teacher!r} was trained with "
+                    f"data.tokenizer={theirs!r}, this run has {self.data.tokenizer!r}: the "
+                    "teacher's vocabulary must be the student's; set data.tokenizer to the "
+                    "teacher's or choose a teacher trained on this tokenizer"
                 )
 
     def _check_parallel(self, world_size: int, warnings: list[str]) -> None:

@@ -53,6 +53,7 @@ from xpar.config.schema import (
     MoEConfig,
     OptimConfig,
     ParallelConfig,
+    TaskConfig,
     XparConfig,
 )
 from xpar.errors import XparConfigError
@@ -65,6 +66,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "optim": OptimConfig,
     "parallel": ParallelConfig,
     "logger": LoggerConfig,
+    "task": TaskConfig,
 }
 ROOT_SCHEMA_NAME = "xpar_schema"
 GROUP_SCHEMA_NAME = "schema"

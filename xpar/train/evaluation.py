@@ -47,6 +47,7 @@ def evaluate(run: Run) -> tuple[float, dict[str, float]]:
         values += load_LE.reshape(-1).tolist()
     reduced = sum_over_ranks(values, run.device)
     means = {k: v / run.groups.world_size for k, v in zip(keys, reduced, strict=False)}
+    means = run.task.val_summary(means)
     extra = {f"val/{k}": v for k, v in means.items() if k != "loss"}
     if load_LE is not None:
         extra["val/max_vio"] = max_vio(torch.tensor(reduced[len(keys) :]).view(load_LE.shape))

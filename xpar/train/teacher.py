@@ -84,6 +84,12 @@ def _is_expert_bank(key: str) -> bool:
 
 def load_sliced(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load whole-bank weights into a model whose expert banks hold one EP slice."""
+    model.load_state_dict(sliced_state(model, state))
+
+
+def sliced_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (whole expert banks, the model's own key names) with every bank cut to the
+    slice `model`'s experts hold."""
     mine = dict(state)
     for name, module in model.named_modules():
         if isinstance(module, GroupedExperts):
@@ -91,7 +97,7 @@ def load_sliced(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 key = f"{name}.{w}"
                 if key in mine:
                     mine[key] = mine[key][module.ids.start : module.ids.stop]
-    model.load_state_dict(mine)
+    return mine
 
 
 def build_teacher(directory: str | Path, groups: Any, run: dict, device: torch.device):

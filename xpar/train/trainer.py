@@ -36,6 +36,7 @@ from xpar.config.store import to_plain_dict
 from xpar.data.build import DataBundle, build_data
 from xpar.errors import XparUnhealthyError
 from xpar.models import MoETransformer
+from xpar.models.classifier import SequenceClassifier, describe_load, load_backbone_state
 from xpar.models.config import ModelConfig
 from xpar.models.cost import describe_cost, flops_per_token
 from xpar.moe import MoELayer
@@ -44,7 +45,7 @@ from xpar.parallel import watchdog
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
-from xpar.train import health, lock, phases, resume, resume_guard
+from xpar.train import health, lock, phases, resume, resume_guard, teacher
 from xpar.train.evaluation import validate
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
@@ -53,7 +54,7 @@ from xpar.train.rng import rng_state, seed_everything, set_rng_state
 from xpar.train.schedule import make_lr_lambda
 from xpar.train.sinks import warning_log
 from xpar.train.step import log_step, sum_over_ranks, train_step
-from xpar.train.task import make_task
+from xpar.train.task import build_classify_data, make_task
 
 
 @dataclass
@@ -174,7 +175,10 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
     seed_everything(tc.seed)
     data = _build_data(cfg)
     phases.mark("data")
-    vocab = cfg.model.vocab_size or _padded_vocab(data.tokenizer.vocab_size)
+    # The encoder's mask token and the classifier's padding take the first id past the
+    # tokenizer's; the decoder needs none.
+    extra_id = int(not cfg.model.causal or cfg.task.kind == "classify")
+    vocab = cfg.model.vocab_size or _padded_vocab(data.tokenizer.vocab_size + extra_id)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
     groups = _init_groups(cfg, cleanup)
     phases.mark("process group")
@@ -185,10 +189,12 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
     # Same seed on every rank, so dense params agree and experts are sliced consistently.
     torch.manual_seed(tc.seed)
     model = MoETransformer(model_cfg, cfg.moe, ep_group=groups.ep_group)
+    if cfg.task.kind == "classify":
+        model = SequenceClassifier(model, data.num_classes, data.pad_id)
     _fit_routers_to_data(model, data, vocab, groups.rank)  # a resume or init_from overwrites
     record = resume_guard.run_record(cfg, model_cfg, data.tokenizer)
     if start.init_from is not None:  # weights only, before the engine copies them
-        source = ckpt.load_weights(model, start.init_from, groups, run=record)
+        source = _init_from(model, start.init_from, groups, record)
         if groups.rank == 0:
             print(
                 f"initialised from {start.init_from} (its step {source['step']}): "
@@ -211,9 +217,41 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         health=health.StepHealth(tc.max_bad_steps, health.max_loss_for(tc.max_loss, vocab)),
         drops=health.DropWatch(cfg.moe.capacity_factor),
         stateful_routers=_stateful_routers(model),
-        task=make_task(cfg, model_cfg, data.tokenizer),
+        task=make_task(cfg, model_cfg, data.tokenizer, _teacher(cfg, groups, record)),
         moe_layers=[m for m in model.modules() if isinstance(m, MoELayer)],
     )
+
+
+def _init_from(model, directory: Path, groups: ParallelGroups, record: dict) -> dict:
+    """train.init_from: the whole model from a checkpoint of this layout, or for a
+    classifier the backbone from an LM checkpoint of any EP size (the head starts fresh)."""
+    if not isinstance(model, SequenceClassifier):
+        return ckpt.load_weights(model, directory, groups, run=record)
+    where = "train.init_from"
+    saved = teacher.saved_run(directory, where)
+    teacher.check_vocabulary(saved, record["tokenizer"], model.model_cfg.vocab_size, where)
+    lm_state = teacher.sliced_state(model.backbone, teacher.full_state(directory))
+    missing, unexpected = load_backbone_state(model, lm_state, where=where)
+    if groups.rank == 0:
+        print(describe_load(len(lm_state) - len(unexpected), missing, unexpected), flush=True)
+    return saved
+
+
+def _teacher(cfg: XparConfig, groups: ParallelGroups, record: dict):
+    """train.distill.teacher: the frozen teacher, its experts over this run's EP group."""
+    d = cfg.train.distill
+    if not d.enabled:
+        return None
+    saved = teacher.saved_run(d.teacher)
+    teacher.check_vocabulary(saved, record["tokenizer"], record["model"]["model"]["vocab_size"])
+    model = teacher.build_teacher(d.teacher, groups, saved, groups.device)
+    if groups.rank == 0:
+        print(
+            f"distilling from {d.teacher} (alpha {d.alpha}, temperature {d.temperature}): "
+            f"{sum(p.numel() for p in model.parameters()):,} teacher parameters on this rank",
+            flush=True,
+        )
+    return model
 
 
 def _fit_routers_to_data(model, data: DataBundle, vocab: int, rank: int) -> None:
@@ -249,6 +287,8 @@ def _build_data(cfg: XparConfig) -> DataBundle:
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.task.kind == "classify":
+        return build_classify_data(cfg, rank, world)
     return build_data(
         cfg.data, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size
     )
@@ -367,7 +407,7 @@ def open_run(run: Run, cleanup: contextlib.ExitStack) -> None:
     cleanup.callback(run.monitor.finish, exit_code=1)  # a no-op after a clean finish
     run.monitor.print_config(plain)
     _announce(run)
-    run.val_batches = run.data.val_batches(cfg.train.eval_batches)
+    run.val_batches = run.task.prepare_val(run, run.data.val_batches(cfg.train.eval_batches))
     run.watcher = PreemptionWatcher(group=g.dp_group)
     cleanup.callback(run.watcher.uninstall)
 

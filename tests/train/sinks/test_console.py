@@ -48,6 +48,10 @@ def test_val_summary_and_config_text():
     assert format_val_line(40, 200, {"val/loss": 3.21, "val/ppl": 24.7763}) == (
         "eval  40/200 | val loss 3.2100 | val ppl 24.78"
     )
+    more = {"val/loss": 0.5, "val/ppl": 1.65, "val/accuracy": 0.8125, "val/max_vio": 0.0421}
+    assert format_val_line(40, 200, more) == (
+        "eval  40/200 | val loss 0.5000 | val ppl 1.65 | val acc 81.25% | maxvio 0.042"
+    )
     last = {"train/loss": 1.5, "val/loss": 1.25}
     assert format_summary(7, 10, 185.0, last, "ckpt/step_7", "wandb: disabled") == (
         "done: step 7/10 in 3m05s, train loss 1.5000, val loss 1.2500\n"

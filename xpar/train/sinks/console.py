@@ -78,10 +78,15 @@ def format_train_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -
 def format_val_line(step: int, total_steps: int, metrics: Mapping[str, Any]) -> str:
     """`eval  40/200 | val loss 3.2100 | val ppl 24.78`"""
     width = len(str(total_steps))
-    return (
+    line = (
         f"eval {step:>{width}}/{total_steps} | val loss {metrics['val/loss']:.4f} | "
         f"val ppl {_ppl(metrics['val/ppl'])}"
     )
+    if "val/accuracy" in metrics:
+        line += f" | val acc {metrics['val/accuracy']:.2%}"
+    if "val/max_vio" in metrics:
+        line += f" | maxvio {metrics['val/max_vio']:.3f}"
+    return line
 
 
 def _ppl(ppl: float) -> str:
