@@ -283,12 +283,16 @@ def test_a_finished_arm_is_reused_only_with_the_same_command_and_code(tmp_path, 
     monkeypatch.setattr(_StandIn, "sleep", {**_StandIn.sleep, "b": 0.61})
     third = _StandIn(tmp_path, [], steps, jobs=2, progress_every_s=1e9).run_all(_arms())
     assert {n: r.reused for n, r in third.items()} == {"a": True, "c": True, "b": False, "d": False}
-    # other trainer code: nothing is reused; --fresh: nothing either
+    # other trainer code: nothing is reused, unless the command alone is asked to match
     monkeypatch.setattr(quality, "code_fingerprint", lambda: "changed")
+    by_command = _StandIn(tmp_path, [], steps, jobs=2, reuse="command", progress_every_s=1e9)
+    assert all(r.reused for r in by_command.run_all(_arms()).values())
     fourth = _StandIn(tmp_path, [], steps, jobs=2, progress_every_s=1e9).run_all(_arms())
     assert not any(r.reused for r in fourth.values())
-    fresh = _StandIn(tmp_path, [], steps, jobs=2, fresh=True, progress_every_s=1e9)
-    assert not any(r.reused for r in fresh.run_all(_arms()).values())
+    never = _StandIn(tmp_path, [], steps, jobs=2, reuse="never", progress_every_s=1e9)
+    assert not any(r.reused for r in never.run_all(_arms()).values())
+    with pytest.raises(ValueError, match="reuse='sometimes'"):
+        _StandIn(tmp_path, [], steps, jobs=2, reuse="sometimes")
 
 
 # ----------------------------------------------------------------- one real suite

@@ -2,7 +2,7 @@
 direction of a published result, as a table with its target and a PNG.
 
     python -m xpar.bench quality [--suite NAME[,NAME...]|all] [--quick] [--jobs 2] [--steps N]
-        [--out DIR] [--fresh] [OVERRIDE ...]
+        [--out DIR] [--reuse code|command|never] [OVERRIDE ...]
 
 A suite (xpar/bench/quality_suites.py) is a few arms, each an experiment file under
 conf/experiment/ plus overrides, and a function that turns the arms' curves into the
@@ -16,7 +16,8 @@ Arms are shared: suites that name the same arm (suite 1's MoE arm is suite 3's a
 and suite 5's teacher) train it once. A finished arm is reused by a later call when its
 command, thread count and the trainer's code (a hash of xpar/ outside xpar/bench and of
 conf/) are unchanged: the trainer is deterministic, so training it again would give the
-same numbers. --fresh trains every arm again.
+same numbers. --reuse command also takes runs made by other code (their figures may be
+stale: say so when quoting them); --reuse never trains every arm again.
 
 Written to OUT (default outputs/quality): <arm>/ (the run) and <arm>.log per arm, and per
 suite <suite>.json (arms, curves, figures, targets) and <suite>.png (matplotlib, optional:
@@ -47,6 +48,7 @@ from xpar.train.wandb_reader import read_offline_run
 
 DEFAULT_SUITE = "moe_vs_dense"
 RECORD = "bench_arm.json"  # in an arm's run folder once it finished: what made it
+REUSE = ("code", "command", "never")  # --reuse: what a finished run must share to stand in
 # Launcher variables that would make a child join someone else's process group.
 _DIST_ENV = (
     "RANK",
@@ -537,17 +539,19 @@ class ArmRunner:
         user: list[str],
         steps: Mapping[str, int],
         jobs: int,
-        fresh: bool = False,
+        reuse: str = "code",
         progress_every_s: float = 30.0,
     ):
+        if reuse not in REUSE:
+            raise ValueError(f"quality: reuse={reuse!r}; choose one of {', '.join(REUSE)}")
         self.out, self.user, self.steps, self.jobs = out, user, steps, max(1, jobs)
-        self.fresh, self.progress_every_s = fresh, progress_every_s
+        self.reuse, self.progress_every_s = reuse, progress_every_s
         self.env = _child_env(max(1, (os.cpu_count() or 1) // self.jobs))
         self.code = code_fingerprint()
         self.t0 = time.perf_counter()
-        self.running: dict[str, tuple[Arm, subprocess.Popen, float, list[str], str]] = {}
+        self.running: dict[str, tuple[Arm, subprocess.Popen, float, list[str], dict]] = {}
         self.done: dict[str, ArmRun] = {}
-        self.keys: dict[str, str] = {}
+        self.keys: dict[str, dict[str, str]] = {}  # arm -> {"code": key, "command": key}
 
     def run_all(self, arms: Sequence[Arm]) -> dict[str, ArmRun]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -588,21 +592,26 @@ class ArmRunner:
             f"train.ckpt_every={self.steps[arm.name]}",  # one checkpoint, at the end
         ]
 
-    def _key(self, arm: Arm, cmd: list[str]) -> str:
-        what = {
-            "cmd": cmd,
-            "threads": self.env["OMP_NUM_THREADS"],
-            "code": self.code,
-            "after": [self.keys[n] for n in arm.after],
-        }
-        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    def _keys(self, arm: Arm, cmd: list[str]) -> dict[str, str]:
+        """What makes the run, hashed: with the trainer's code ("code") and without it
+        ("command"); both include the keys of the runs it started from."""
+        keys = {}
+        for kind in ("code", "command"):
+            what = {
+                "cmd": cmd,
+                "threads": self.env["OMP_NUM_THREADS"],
+                "code": self.code if kind == "code" else "",
+                "after": [self.keys[n][kind] for n in arm.after],
+            }
+            keys[kind] = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+        return keys
 
     def _start(self, arm: Arm) -> None:
         cmd = self._command(arm)
-        key = self.keys[arm.name] = self._key(arm, cmd)
+        key = self.keys[arm.name] = self._keys(arm, cmd)
         arm_dir, log = self.out / arm.name, self.out / f"{arm.name}.log"
-        if not self.fresh:
-            reused = self._reuse(arm, key, cmd)
+        if self.reuse != "never":
+            reused = self._reuse(arm, key[self.reuse], cmd)
             if reused is not None:
                 self.done[arm.name] = reused
                 print(f"quality: {arm.name}: reusing the finished run in {arm_dir}", flush=True)
@@ -617,7 +626,7 @@ class ArmRunner:
     def _reuse(self, arm: Arm, key: str, cmd: list[str]) -> ArmRun | None:
         try:
             record = json.loads((self.out / arm.name / RECORD).read_text())
-            if record.get("key") != key:
+            if record["keys"][self.reuse] != key:
                 return None
             return self._read(arm, cmd, float(record["wall_s"]), reused=True)
         except (OSError, ValueError, KeyError, RuntimeError):
@@ -655,7 +664,7 @@ class ArmRunner:
             wall = time.perf_counter() - started
             self.done[name] = self._read(arm, cmd, wall, reused=False)
             record = {
-                "key": key,
+                "keys": key,
                 "cmd": cmd,
                 "wall_s": wall,
                 "threads": self.env["OMP_NUM_THREADS"],
@@ -679,7 +688,7 @@ def run_suites(  # noqa: PLR0913 -- the command line's options, named
     steps: int | None = None,
     jobs: int = 2,
     quick: bool = False,
-    fresh: bool = False,
+    reuse: str = "code",
     progress_every_s: float = 30.0,
 ) -> list[SuiteResult]:
     """Train every arm of the suites (each once), then judge each suite. See the module doc."""
@@ -695,7 +704,7 @@ def run_suites(  # noqa: PLR0913 -- the command line's options, named
     cfgs = _compose_all(arms, suites, user)
     out.mkdir(parents=True, exist_ok=True)
     runner = ArmRunner(
-        out, user, {n: c.train.steps for n, c in cfgs.items()}, jobs, fresh, progress_every_s
+        out, user, {n: c.train.steps for n, c in cfgs.items()}, jobs, reuse, progress_every_s
     )
     print(
         f"quality: suite(s) {', '.join(s.name for s in suites)}: {len(arms)} arm(s) "
@@ -762,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         jobs=args.jobs,
         quick=args.quick,
-        fresh=args.fresh,
+        reuse=args.reuse,
     )
     for r in results:
         print("\n" + report(r), flush=True)
@@ -816,8 +825,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=2, choices=[1, 2],
                     help="arms trained at once, each with its share of the CPU threads "
                     "(default: 2)")  # fmt: skip
-    ap.add_argument("--fresh", action="store_true",
-                    help="train every arm again, even when OUT holds its finished run")  # fmt: skip
+    ap.add_argument("--reuse", default="code", choices=REUSE,
+                    help="when a finished run in OUT stands for an arm: code = same command "
+                    "and trainer code (default), command = same command, whatever the code "
+                    "(figures may be stale), never = train every arm again")  # fmt: skip
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDE",
                     help="Hydra overrides applied to every arm, e.g. train.eval_every=25")  # fmt: skip
     return ap
