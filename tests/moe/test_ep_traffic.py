@@ -1,16 +1,18 @@
 """Expert-parallel traffic under group-limited routing, and EP parity of the soft routers and
 DeepSeek-style top-k, on real gloo ranks.
 
-Traffic: 4 ranks, EP=4, E=8 (2 experts per rank), n_groups=4, so the groups are the ranks;
-every rank routes the same tokens with topk_groups 4, 2 and 1 and counts what it sends to
-other ranks. Two figures per rank:
-- `dispatcher`: layer.dispatcher.traffic.bytes_sent, which today is one row per (token,
-  expert) assignment on another rank;
-- `per rank`: one row per (token, other rank) pair, what a dispatcher that sends a token
-  once to each rank and fans it out there (DeepSeek-V3's node-limited dispatch) would send,
-  computed from the plan.
+Traffic: 4 ranks, EP=4, n_groups=4, so the groups are the ranks; every rank routes the same
+tokens with topk_groups 4, 2 and 1 and counts what it sends to other ranks. Two figures per
+rank:
+- `dispatcher`: layer.dispatcher.traffic.bytes_sent of the default dispatcher, one row per
+  (token, expert) assignment on another rank;
+- `per rank`: one row per (token, other rank) pair, computed from the plan: what the
+  deduplicated dispatcher (moe.dedup_dispatch, DeepSeek-V3's node-limited dispatch: a token
+  is sent once to each rank and fanned out there) sends.
 Group limits bound the ranks a token reaches, so only the second figure falls with
-topk_groups; the first is counted exactly and printed beside it.
+topk_groups. The dedup tests then run the dedup dispatcher itself (E=16, 4 experts per rank,
+so top-4 can use one group) and check that the bytes it counts are exactly the second
+figure, fall as topk_groups falls and, at topk_groups=1, stay within tokens * D * 4.
 """
 
 import pytest
@@ -24,13 +26,14 @@ pytestmark = pytest.mark.slow
 D, L, E, RANKS = 16, 8, 8, 4
 
 
-def _traffic_layer(top_k, topk_groups, ep_group=None):
+def _traffic_layer(top_k, topk_groups, ep_group=None, dedup=False, num_experts=E):
     cfg = MoEConfig(
-        num_experts=E,
+        num_experts=num_experts,
         top_k=top_k,
         d_ff=16,
         capacity_factor=None,
         router_options={"n_groups": RANKS, "topk_groups": topk_groups},
+        dedup_dispatch=dedup,
     )
     torch.manual_seed(7)
     layer = MoELayer(D, cfg, ep_group=ep_group)
@@ -99,6 +102,68 @@ def test_with_top_4_the_traffic_falls_with_the_group_limit():
         assert per_tg[2][2] == 2 and per_tg[4][2] == 3, f"rank {rank}"
         assert per_tg[2][1] < per_tg[4][1], f"rank {rank}"
         assert per_tg[2][1] <= per_tg[2][3] * 2 * D * 4
+
+
+def _dedup_traffic(rank, world, top_k, limits, num_experts):
+    """{topk_groups: (bytes off, bytes on, meta bytes on, tokens)}: the same tokens through
+    the default dispatcher and the dedup one."""
+    x = torch.randn(3 + rank, L, D, generator=torch.Generator().manual_seed(100 + rank))
+    T = x.shape[0] * L
+    out = {}
+    for tg in limits:
+        sent = []
+        for dedup in (False, True):
+            layer = _traffic_layer(top_k, tg, dedup=dedup, num_experts=num_experts)
+            y, _ = layer(x)
+            sent.append((y.detach(), layer.dispatcher.traffic))
+        (y_off, off), (y_on, on) = sent
+        torch.testing.assert_close(y_on, y_off, atol=1e-6, rtol=1e-5)
+        plan = layer.router(x.reshape(T, D), None)
+        dest_A = plan.expert_idx_A // (num_experts // world)
+        off_A = dest_A != rank
+        pairs = {
+            (int(t), int(r)) for t, r in zip(plan.token_idx_A[off_A], dest_A[off_A], strict=True)
+        }
+        # Dedup: one fp32 row per (token, other rank); an int32 index and an fp32 weight per
+        # assignment on another rank. Default: one row per such assignment.
+        assert (on.rows_sent, on.bytes_sent) == (len(pairs), len(pairs) * D * 4)
+        assert on.meta_bytes_sent == int(off_A.sum()) * 8
+        assert off.bytes_sent == int(off_A.sum()) * D * 4 and off.meta_bytes_sent == 0
+        out[tg] = (off.bytes_sent, on.bytes_sent, on.meta_bytes_sent, T)
+    return out
+
+
+def _print_dedup_table(top_k, num_experts, results):
+    print(
+        f"\nbytes sent to other ranks, EP={RANKS}, E={num_experts}, top_k={top_k}, D={D}, fp32: "
+        "rows with dedup_dispatch off and on, and the index + weight bytes beside them (on)"
+    )
+    print("rank  tokens  topk_groups  dedup off  dedup on  on/off  meta (on)")
+    rows = [(str(rank), per_tg) for rank, per_tg in enumerate(results)]
+    total = {tg: tuple(sum(r[tg][i] for r in results) for i in range(4)) for tg in results[0]}
+    for name, per_tg in [*rows, ("all", total)]:
+        for tg, (off, on, meta, T) in per_tg.items():
+            ratio = on / off if off else 0.0
+            print(f"{name:>4}  {T:>6}  {tg:>11}  {off:>9}  {on:>8}  {ratio:>6.2f}  {meta:>9}")
+
+
+def test_dedup_dispatch_traffic_falls_with_the_group_limit_at_top_4():
+    results = run_distributed(_dedup_traffic, RANKS, 4, (4, 2, 1), 16, timeout=300)
+    _print_dedup_table(4, 16, results)
+    for rank, per_tg in enumerate(results):
+        on = {tg: v[1] for tg, v in per_tg.items()}
+        assert on[1] < on[2] < on[4], f"rank {rank}: {on}"
+        # One group: every token's 4 experts on one rank, so at most one row per token.
+        assert on[1] <= per_tg[1][3] * D * 4, f"rank {rank}"
+        assert all(v[1] < v[0] for v in per_tg.values()), f"rank {rank}"
+
+
+def test_dedup_dispatch_traffic_at_top_2():
+    results = run_distributed(_dedup_traffic, RANKS, 2, (4, 1), E, timeout=300)
+    _print_dedup_table(2, E, results)
+    for rank, per_tg in enumerate(results):
+        assert per_tg[1][1] < per_tg[4][1], f"rank {rank}"
+        assert per_tg[1][1] <= per_tg[1][3] * D * 4, f"rank {rank}"
 
 
 # ----------------------------------------------------------------------- EP parity
