@@ -22,6 +22,15 @@ CASES = {
     ),
     "shared_expert": dict(num_experts=8, top_k=2, capacity_factor=None, shared_expert_d_ff=12),
     "one_local_expert": dict(num_experts=4, top_k=2, capacity_factor=None),
+    # moe.dedup_dispatch: a token once per rank (several of its experts share a rank).
+    "dedup_dropless_k4": dict(num_experts=8, top_k=4, capacity_factor=None, dedup_dispatch=True),
+    "dedup_expert_choice": dict(
+        num_experts=8,
+        router="expert_choice",
+        top_k=1,
+        capacity_factor=2.0,
+        dedup_dispatch=True,
+    ),
 }
 
 
