@@ -130,6 +130,8 @@ def test_hash_within_three_percent_and_base_balance():
     assert b.value == pytest.approx(1.015) and b.met and "worst over training 1.015" in b.note
     assert o.rows["dec_hash"][1] == "1.200 / 1.200"
     assert qs.worst_load(base) == (pytest.approx(1.015), pytest.approx(1.015))
+    assert o.curves["enc_base"][qs.WORST_LOAD] == pytest.approx({1: 1.3, 10: 1.01, 20: 1.015})
+    assert o.curves["dec_top1"][qs.WORST_LOAD] == pytest.approx({1: 2.0})
     hsh = run_of("dec_hash", val__loss={0: 6.0, 100: 2.062})
     base = run_of("enc_base", _loads({1: [1.0], 5: [1.03]}), val__loss={0: 6.0})
     o = qs.hash_base({"dec_top1": top1, "dec_hash": hsh, "enc_base": base})

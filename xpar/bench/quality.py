@@ -128,6 +128,8 @@ class Outcome:
     rows: dict[str, list[str]]  # arm name -> one cell per column
     targets: list[Target]
     marks: list[Mark] = field(default_factory=list)
+    # derived curves to plot and save beside the logged val/* ones: arm -> key -> curve
+    curves: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -730,6 +732,9 @@ def judge(
     """A suite's result from its arms' runs: the evaluate() table and targets."""
     mine = {a.name: runs[a.name] for a in suite.arms}
     o = suite.evaluate(mine)
+    arms = {n: r.to_json() for n, r in mine.items()}
+    for n, extra in o.curves.items():
+        arms[n]["curves"].update(extra)
     return SuiteResult(
         suite=suite.name,
         title=suite.title,
@@ -738,7 +743,7 @@ def judge(
         columns=o.columns,
         rows=o.rows,
         targets=o.targets,
-        arms={n: r.to_json() for n, r in mine.items()},
+        arms=arms,
         met=all(t.met for t in o.targets),
         overrides=list(overrides),
         wall_s=0.0,
@@ -817,9 +822,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="the suites to run, comma-separated, or all (default: "
                     f"{DEFAULT_SUITE})")  # fmt: skip
     ap.add_argument("--quick", action="store_true",
-                    help="tiny models, 4 steps: checks the pipeline, not the figures (CI)")  # fmt: skip
+                    help="tiny models, 4 steps: checks the pipeline, not the figures "
+                    "(CI)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=None,
-                    help="training steps of every arm (default: train.steps of its yaml file)")  # fmt: skip
+                    help="training steps of every arm (default: train.steps of its "
+                    "yaml file)")  # fmt: skip
     ap.add_argument("--out", default="outputs/quality",
                     help="output folder (default: %(default)s)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=2, choices=[1, 2],
@@ -830,5 +837,6 @@ def _parser() -> argparse.ArgumentParser:
                     "and trainer code (default), command = same command, whatever the code "
                     "(figures may be stale), never = train every arm again")  # fmt: skip
     ap.add_argument("overrides", nargs="*", metavar="OVERRIDE",
-                    help="Hydra overrides applied to every arm, e.g. train.eval_every=25")  # fmt: skip
+                    help="Hydra overrides applied to every arm, e.g. "
+                    "train.eval_every=25")  # fmt: skip
     return ap

@@ -177,14 +177,25 @@ def aux_free(runs: Mapping[str, ArmRun]) -> Outcome:
 # --------------------------------------------------------------------------- 4 hash_base
 
 
+WORST_LOAD = "train/worst_max_over_mean_load"  # a derived curve, plotted by hash_base
+
+
+def worst_load_curve(run: ArmRun) -> dict[int, float]:
+    """step -> the worst layer's max/mean expert load, at the logged training steps."""
+    per_layer = layer_load_ratios(run)
+    if not per_layer:
+        return {}
+    steps = sorted(next(iter(per_layer.values())))
+    return {s: max(c[s] for c in per_layer.values()) for s in steps}
+
+
 def worst_load(run: ArmRun) -> tuple[float | None, float | None]:
     """(the worst layer's max/mean expert load at the last logged training step, the worst
     over every logged step after the first); (None, None) without load logs."""
-    per_layer = layer_load_ratios(run)
-    if not per_layer:
+    worst = worst_load_curve(run)
+    if not worst:
         return None, None
-    steps = sorted(next(iter(per_layer.values())))
-    worst = {s: max(c[s] for c in per_layer.values()) for s in steps}
+    steps = sorted(worst)
     return worst[steps[-1]], max(worst[s] for s in steps[1:] or steps)
 
 
@@ -201,6 +212,8 @@ def hash_base(runs: Mapping[str, ArmRun]) -> Outcome:
         columns=["val loss start / end", "max/mean load, last / worst"],
         rows=rows,
         targets=[at_most("hash / top-1 final val loss (decoder)", lh / lt, HASH_WITHIN), base_load],
+        marks=[Mark(WORST_LOAD, "h", BASE_MAX_LOAD)],
+        curves={n: {WORST_LOAD: worst_load_curve(runs[n])} for n in load},
     )
 
 
@@ -326,6 +339,10 @@ def _suites() -> Sequence[Suite]:
             evaluate=hash_base,
             fair=(("dec_top1", "dec_hash"),),
             may_differ=("optim.lr",),
+            panels=(
+                (LOSS, "validation loss (nats/token)"),
+                (WORST_LOAD, "max/mean expert load, worst layer (training)"),
+            ),
         ),
         Suite(
             name="distill",
