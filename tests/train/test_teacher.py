@@ -82,7 +82,7 @@ def test_a_teacher_with_another_vocabulary_is_refused():
 
 
 def test_a_directory_without_a_run_record_is_a_config_error(tmp_path):
-    with pytest.raises(XparConfigError, match="cannot read client_state.json"):
+    with pytest.raises(XparConfigError, match="is not a checkpoint"):
         teacher.saved_run(tmp_path)
     (tmp_path / "client_state.json").write_text('{"step": 3}')
     with pytest.raises(XparConfigError, match="records no model config"):

@@ -27,8 +27,10 @@ WHERE = "train.distill.teacher"
 
 def saved_run(directory: str | Path, where: str = WHERE) -> dict:
     """The run record of a checkpoint (its model and moe configs, its tokenizer); a config
-    error naming `where` when there is none. Cheap: config validation calls it."""
-    path = Path(directory) / "client_state.json"
+    error naming `where` when there is none. Cheap: config validation calls it. `directory`
+    may be a step_* directory, a checkpoints/ directory or a run's out_dir (its latest)."""
+    directory = checkpoint_dir(directory, where)
+    path = directory / "client_state.json"
     try:
         run = json.loads(path.read_text())  # the run record sits at its top level
     except (OSError, ValueError) as e:
@@ -42,6 +44,12 @@ def saved_run(directory: str | Path, where: str = WHERE) -> dict:
             "an older xpar); name a checkpoint of a run made by this version"
         )
     return run
+
+
+def checkpoint_dir(value: str | Path, where: str = WHERE) -> Path:
+    from xpar.train.resume import as_checkpoint
+
+    return as_checkpoint(str(value), where)
 
 
 def check_vocabulary(run: dict, tokenizer: dict, vocab_size: int, where: str = WHERE) -> None:
@@ -65,7 +73,7 @@ def full_state(directory: str | Path) -> dict[str, torch.Tensor]:
     from xpar.parallel.deepspeed import XparEngine  # the classes a rank file may hold
     from xpar.train.checkpoint import _verified_load, rank_file
 
-    directory = Path(directory)
+    directory = checkpoint_dir(directory)
     layout = json.loads((directory / "xpar_parallel.json").read_text())
     parts = [
         _verified_load(rank_file(directory, r), XparEngine.safe_globals())["module"]
