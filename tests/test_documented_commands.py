@@ -17,7 +17,9 @@ xpar.config.store.compose_dictconfig and validated with the world size(s) its la
 
 A Hydra sweep (-m) is composed once per point. Placeholders are substituted only as listed
 in PLACEHOLDERS (and ${hydra:job.num} by the sweep point's number); validation never reads
-data files or tokenizers, so paths such as corpus/*.jsonl need not exist. Commands that do
+data files or tokenizers, so paths such as corpus/*.jsonl need not exist. A checkpoint an
+earlier documented command writes (train.init_from, train.distill.teacher under outputs/)
+is stood in for by tests/fixtures/ckpt_v1, a real checkpoint (PRODUCED). Commands that do
 not run the trainer (docker build, the benchmark, pytest) are left out; `pytest -v` lists
 every command checked, and a file in EXPECTED that yields none fails.
 """
@@ -55,6 +57,9 @@ EXPECTED = {
 PLACEHOLDERS = {
     "--nproc-per-node N -m xpar.train [hydra overrides]": "--nproc-per-node 2 -m xpar.train",
 }
+# Checkpoints that earlier documented commands write; validation checks that they exist.
+PRODUCED = ("train.init_from=outputs/", "train.distill.teacher=outputs/")
+CKPT_FIXTURE = REPO / "tests" / "fixtures" / "ckpt_v1" / "step_00000002"
 # "Every visible GPU": the node sizes a one-node example must work on.
 GPU_COUNTS = (1, 2, 4, 8)
 CPU_RANKS = 2  # launch/torchrun.sh and launch/slurm.sbatch without a GPU
@@ -359,7 +364,7 @@ def documented_commands() -> dict[str, list[DocCommand]]:
 def sweep_points(cmd: DocCommand) -> list[list[str]]:
     """One override list per run: a multirun's a=1,2 b=3,4 gives 4 lists."""
     if not cmd.multirun:
-        return [list(cmd.overrides)]
+        return [[_produced(w) for w in cmd.overrides]]
     choices = []
     for o in OverridesParser.create().parse_overrides(list(cmd.overrides)):
         if o.is_sweep_override():
@@ -367,7 +372,14 @@ def sweep_points(cmd: DocCommand) -> list[list[str]]:
         else:
             choices.append([o.input_line])
     points = [list(p) for p in itertools.product(*choices)]
-    return [[w.replace("${hydra:job.num}", str(n)) for w in p] for n, p in enumerate(points)]
+    return [[_produced(w).replace("${hydra:job.num}", str(n)) for w in p] for n, p in enumerate(points)]
+
+
+def _produced(override: str) -> str:
+    for prefix in PRODUCED:
+        if override.startswith(prefix):
+            return f"{prefix.split('=')[0]}={CKPT_FIXTURE}"
+    return override
 
 
 COMMANDS = documented_commands()

@@ -406,7 +406,8 @@ class XparConfig:
 
             run = saved_run(distill.teacher)
             theirs = run.get("tokenizer", {}).get("spec")
-            if theirs != self.data.tokenizer:
+            # A checkpoint without a tokenizer record (an old one) is checked at build time.
+            if theirs is not None and theirs != self.data.tokenizer:
                 raise XparConfigError(
                     f"train.distill.teacher={distill.teacher!r} was trained with "
                     f"data.tokenizer={theirs!r}, this run has {self.data.tokenizer!r}: the "
