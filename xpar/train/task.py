@@ -214,6 +214,9 @@ def build_classify_data(cfg, rank: int, world_size: int) -> ClassifyBundle:
         text_field=t.text_field,
         label_field=t.label_field,
     )
+    # The files list rows by label; a fixed shuffle makes the first train.eval_batches
+    # validation batches a sample of every class, not of the first one.
+    _shuffle_rows(data.val, seed=0)
     shard = dict(rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size)
     return ClassifyBundle(
         tokenizer=tokenizer,
@@ -223,3 +226,12 @@ def build_classify_data(cfg, rank: int, world_size: int) -> ClassifyBundle:
         num_classes=data.num_classes,
         pad_id=pad_id,
     )
+
+
+def _shuffle_rows(split, seed: int) -> None:
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(split.num_rows)
+    split.tokens_NL = split.tokens_NL[order]
+    split.labels_N = split.labels_N[order]
+    split.lengths_N = split.lengths_N[order]
