@@ -47,10 +47,6 @@ EQUAL_LOSS = 1.005  # aux_free: "equal or lower" val loss: bias / aux-loss withi
 HASH_WITHIN = 1.03  # hash_base: hash final val loss / top-1's
 BASE_MAX_LOAD = 1.02  # hash_base: BASE's max / mean expert load in training
 KEPT_GAIN = 0.30  # distill: (dense - student) / (dense - moe)
-# distill: the student's loss mixes the teacher's soft targets (alpha) with the labels
-# (1 - alpha), as Switch Transformer's distillation (Fedus et al. 2022: 0.25 teacher).
-DISTILL_ALPHA = 0.25
-DISTILL_TEMPERATURE = 1.0
 
 
 def _curve(run: ArmRun, key: str = LOSS) -> dict[int, float]:
@@ -221,12 +217,9 @@ def hash_base(runs: Mapping[str, ArmRun]) -> Outcome:
 
 
 def teacher_overrides(dirs: Mapping[str, Path]) -> list[str]:
-    """The student's distillation settings, pointing at the MoE arm's final checkpoint."""
-    return [
-        f"train.distill.teacher={latest_checkpoint(dirs['moe'])}",
-        f"train.distill.alpha={DISTILL_ALPHA}",
-        f"train.distill.temperature={DISTILL_TEMPERATURE}",
-    ]
+    """The student's teacher: the MoE arm's final checkpoint (alpha and temperature are in
+    quality_distill.yaml)."""
+    return [f"train.distill.teacher={latest_checkpoint(dirs['moe'])}"]
 
 
 def kept_gain(dense: float, moe: float, student: float) -> float | None:
@@ -351,7 +344,7 @@ def _suites() -> Sequence[Suite]:
             arms=(
                 DENSE,
                 MOE,
-                Arm("student", "quality_dense", after=("moe",), late=teacher_overrides),
+                Arm("student", "quality_distill", after=("moe",), late=teacher_overrides),
             ),
             evaluate=distill,
             fair=(("dense", "moe", "student"),),
