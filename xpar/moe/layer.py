@@ -1,6 +1,11 @@
 """MoELayer = router + dispatcher + grouped experts (+ optional shared expert).
 
-Legend: T tokens, D model dim, E experts.
+Soft routing: the experts' rows are slots, built per sequence with batched products from
+the plan's [B, L, J] weights (never a [T, B*J] matrix) and ordered expert-major,
+s = e*B*P + b*P + p, so each expert's B*P slots are contiguous.
+
+Legend: T tokens (B sequences of L), D model dim, E experts, P slots per expert per
+sequence, J = E*P slots of one sequence, S = B*J slots of the batch.
 """
 
 from __future__ import annotations
@@ -28,6 +33,24 @@ class MoEAux:
     tokens_per_expert: torch.Tensor  # [E], over the EP group, before dropping
     dropped_fraction: torch.Tensor
     router_entropy: torch.Tensor
+
+
+def slot_inputs(dispatch_BLJ: torch.Tensor, x_TD: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[S, D] slot inputs, expert-major: row e*B*P + b*P + p is sum_l d[b, l, e*P + p] x[b, l]."""
+    B, L, J = dispatch_BLJ.shape
+    D, P = x_TD.shape[1], J // num_experts
+    d_BJL = dispatch_BLJ.transpose(1, 2).to(x_TD.dtype)
+    u_BJD = torch.bmm(d_BJL, x_TD.reshape(B, L, D))
+    return u_BJD.reshape(B, num_experts, P, D).transpose(0, 1).reshape(B * J, D)
+
+
+def slot_outputs(combine_BLJ: torch.Tensor, y_SD: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, D]: token (b, l) gets sum_j c[b, l, j] times slot j of sequence b (rows of y_SD
+    expert-major, as `slot_inputs` makes them)."""
+    B, L, J = combine_BLJ.shape
+    D, P = y_SD.shape[1], J // num_experts
+    y_BJD = y_SD.reshape(num_experts, B, P, D).transpose(0, 1).reshape(B, J, D)
+    return torch.bmm(combine_BLJ.to(y_SD.dtype), y_BJD).reshape(B * L, D)
 
 
 class MoELayer(nn.Module):
@@ -77,15 +100,15 @@ class MoELayer(nn.Module):
         cf = self.cfg.capacity_factor_for(self.training)
         plan = self.router(x_TD, cf, token_ids_T, seq_len=seq_len)
         rows_in = x_TD
-        if plan.slot_dispatch_TS is not None:  # soft routing: the experts see slots
-            rows_in = plan.slot_dispatch_TS.t().to(x_TD.dtype) @ x_TD
+        if plan.slot_dispatch_BLJ is not None:  # soft routing: the experts see slots
+            rows_in = slot_inputs(plan.slot_dispatch_BLJ, x_TD, self.cfg.num_experts)
         rows_RD, state = self.dispatcher.dispatch(rows_in, plan)  # checks the ranks agree first
         # The load report is a metric: reduce it in the background while experts compute.
         load = self.dispatcher.start_sum_over_group(plan.tokens_per_expert_E)
         out_RD = self.experts(rows_RD, state.counts_e)
         y_TD = self.dispatcher.combine(out_RD, state, plan)
-        if plan.slot_combine_TS is not None:
-            y_TD = plan.slot_combine_TS.to(y_TD.dtype) @ y_TD
+        if plan.slot_combine_BLJ is not None:
+            y_TD = slot_outputs(plan.slot_combine_BLJ, y_TD, self.cfg.num_experts)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         lb_loss = self._balance_loss(plan)

