@@ -37,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -352,11 +353,9 @@ def write_plot(
                 line = ax.axhline if m.kind == "h" else ax.axvline
                 line(m.value, color=colors.get(m.arm, "gray"), linestyle="--", linewidth=1)
     met = sum(t.met for t in result.targets)
-    fig.suptitle(
-        f"{result.suite}: {result.title} ({met}/{len(result.targets)} targets met)"
-        + (" [--quick]" if result.quick else ""),
-        fontsize=9,
-    )
+    title = f"{result.suite}: {result.title} ({met}/{len(result.targets)} targets met)"
+    title += " [--quick]" if result.quick else ""
+    fig.suptitle(textwrap.fill(title, width=90 * len(panels)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
