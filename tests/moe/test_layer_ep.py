@@ -24,6 +24,9 @@ CASES = {
     "one_local_expert": dict(num_experts=4, top_k=2, capacity_factor=None),
     # moe.dedup_dispatch: a token once per rank (several of its experts share a rank).
     "dedup_dropless_k4": dict(num_experts=8, top_k=4, capacity_factor=None, dedup_dispatch=True),
+    "dedup_one_local_expert": dict(
+        num_experts=4, top_k=2, capacity_factor=0.75, dedup_dispatch=True
+    ),  # one expert per rank on 4 ranks: no two rows of a token share a rank
     "dedup_expert_choice": dict(
         num_experts=8,
         router="expert_choice",
