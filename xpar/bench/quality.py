@@ -187,9 +187,7 @@ class ArmRun:
         return s[max(s)]
 
     def params(self) -> str:
-        """'total / active' from the model line, e.g. '4.56M / 0.89M'."""
-        m = re.search(r"params ([\d.]+\w*) total, ([\d.]+\w*) active", self.model_summary)
-        return f"{m.group(1)} / {m.group(2)}" if m else "-"
+        return params_of(self.model_summary)
 
     def to_json(self) -> dict[str, Any]:
         evals = sorted({k for r in self.history for k in r if k.startswith("val/")})
@@ -286,6 +284,12 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def params_of(model_summary: str) -> str:
+    """'total / active' from the trainer's model line, e.g. '4.56M / 885.89K'."""
+    m = re.search(r"params ([\d.]+\w*) total, ([\d.]+\w*) active", model_summary)
+    return f"{m.group(1)} / {m.group(2)}" if m else "-"
+
+
 def verdict(t: Target) -> str:
     return "met" if t.met else "NOT met"
 
@@ -295,8 +299,7 @@ def report(r: SuiteResult) -> str:
     head = ["arm", "experiment", "params total / active", *r.columns, "wall s"]
     arm_rows = []
     for name, arm in r.arms.items():
-        p = re.search(r"params ([\d.]+\w*) total, ([\d.]+\w*) active", arm["model_summary"])
-        params = f"{p.group(1)} / {p.group(2)}" if p else "-"
+        params = params_of(arm["model_summary"])
         wall = f"{arm['wall_s']:.0f}" + (" (reused)" if arm["reused"] else "")
         arm_rows.append([name, arm["experiment"], params, *r.rows.get(name, []), wall])
     curves = {n: a["curves"].get("val/loss", {}) for n, a in r.arms.items()}
