@@ -359,13 +359,14 @@ def _suites() -> Sequence[Suite]:
                 Arm("cls_scratch", "quality_classify"),
                 Arm(
                     "cls_finetune",
-                    "quality_classify",
+                    "quality_classify_pretrained",
                     after=("enc_top2",),
                     late=pretrained_overrides,
                 ),
             ),
             evaluate=finetune,
             fair=(("cls_scratch", "cls_finetune"),),
+            may_differ=("optim.lr",),
             panels=((ACC, "validation accuracy"), (LOSS, "validation loss (nats)")),
         ),
     )
