@@ -137,7 +137,6 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.traffic = Traffic()
-        self.sum_over_all_ranks = sum_over_all_ranks
 
     def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DispatchState]:
         rows_AD = x_TD.index_select(0, plan.token_idx_A)
@@ -164,7 +163,6 @@ class AllToAllDispatcher:
         self.num_local = len(local_experts(num_experts, self.ep_size, self.ep_rank))
         self._checked: set[tuple] = set()
         self.traffic = Traffic()
-        self.sum_over_all_ranks = sum_over_all_ranks
 
     def _check_agreement(self, x_TD: torch.Tensor) -> None:
         """Once per shape: all ranks must agree on E and D, else the count

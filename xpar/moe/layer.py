@@ -17,7 +17,7 @@ from torch import nn
 
 from xpar.models.mlp import MLP
 from xpar.moe.config import MoEConfig
-from xpar.moe.dispatch import make_dispatcher
+from xpar.moe.dispatch import make_dispatcher, sum_over_all_ranks
 from xpar.moe.experts import GroupedExperts, local_experts
 from xpar.moe.losses import balance_loss_from_counts
 from xpar.moe.routers import get_router
@@ -129,5 +129,5 @@ class MoELayer(nn.Module):
         count: the ranks' mean of E * sum f_i P_i is then the one-process loss."""
         if self.cfg.balance_scope != "global" or not self.training or plan.balance_counts_E is None:
             return plan.lb_loss
-        counts_E = self.dispatcher.sum_over_all_ranks(plan.balance_counts_E)
+        counts_E = sum_over_all_ranks(plan.balance_counts_E)
         return balance_loss_from_counts(counts_E, plan.balance_probs_E)

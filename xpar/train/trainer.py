@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -36,16 +35,16 @@ from xpar.config.store import to_plain_dict
 from xpar.data.build import DataBundle, build_data
 from xpar.errors import XparUnhealthyError
 from xpar.models import MoETransformer
-from xpar.models.classifier import SequenceClassifier, describe_load, load_backbone_state
+from xpar.models.classifier import SequenceClassifier
 from xpar.models.config import ModelConfig
 from xpar.models.cost import describe_cost, flops_per_token
-from xpar.moe import MoELayer
 from xpar.parallel import deepspeed as ds
 from xpar.parallel import watchdog
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
-from xpar.train import health, lock, phases, resume, resume_guard, teacher
+from xpar.train import health, lock, phases, resume, resume_guard
+from xpar.train import model_setup as setup
 from xpar.train.evaluation import validate
 from xpar.train.faults import FaultHooks
 from xpar.train.monitor import Monitor
@@ -191,10 +190,11 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
     model = MoETransformer(model_cfg, cfg.moe, ep_group=groups.ep_group)
     if cfg.task.kind == "classify":
         model = SequenceClassifier(model, data.num_classes, data.pad_id)
-    _fit_routers_to_data(model, data, vocab, groups.rank)  # a resume or init_from overwrites
+    layers = setup.moe_layers(model)
+    setup.fit_routers_to_data(layers, data, vocab, groups.rank)  # resume/init_from overwrite
     record = resume_guard.run_record(cfg, model_cfg, data.tokenizer)
     if start.init_from is not None:  # weights only, before the engine copies them
-        source = _init_from(model, start.init_from, groups, record)
+        source = setup.init_from(model, start.init_from, groups, record)
         if groups.rank == 0:
             print(
                 f"initialised from {start.init_from} (its step {source['step']}): "
@@ -216,67 +216,10 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
         start=start,
         health=health.StepHealth(tc.max_bad_steps, health.max_loss_for(tc.max_loss, vocab)),
         drops=health.DropWatch(cfg.moe.capacity_factor),
-        stateful_routers=_stateful_routers(model),
-        task=make_task(cfg, model_cfg, data.tokenizer, _teacher(cfg, groups, record)),
-        moe_layers=[m for m in model.modules() if isinstance(m, MoELayer)],
+        stateful_routers=setup.stateful_routers(layers),
+        task=make_task(cfg, model_cfg, data.tokenizer, setup.teacher_for(cfg, groups, record)),
+        moe_layers=layers,
     )
-
-
-def _init_from(model, directory: Path, groups: ParallelGroups, record: dict) -> dict:
-    """train.init_from: the whole model from a checkpoint of this layout, or for a
-    classifier the backbone from an LM checkpoint of any EP size (the head starts fresh)."""
-    if not isinstance(model, SequenceClassifier):
-        return ckpt.load_weights(model, directory, groups, run=record)
-    where = "train.init_from"
-    saved = teacher.saved_run(directory, where)
-    teacher.check_vocabulary(saved, record["tokenizer"], model.model_cfg.vocab_size, where)
-    lm_state = teacher.sliced_state(model.backbone, teacher.full_state(directory))
-    missing, unexpected = load_backbone_state(model, lm_state, where=where)
-    if groups.rank == 0:
-        print(describe_load(len(lm_state) - len(unexpected), missing, unexpected), flush=True)
-    return saved
-
-
-def _teacher(cfg: XparConfig, groups: ParallelGroups, record: dict):
-    """train.distill.teacher: the frozen teacher, its experts over this run's EP group."""
-    d = cfg.train.distill
-    if not d.enabled:
-        return None
-    saved = teacher.saved_run(d.teacher)
-    teacher.check_vocabulary(saved, record["tokenizer"], record["model"]["model"]["vocab_size"])
-    model = teacher.build_teacher(d.teacher, groups, saved, groups.device)
-    if groups.rank == 0:
-        print(
-            f"distilling from {d.teacher} (alpha {d.alpha}, temperature {d.temperature}): "
-            f"{sum(p.numel() for p in model.parameters()):,} teacher parameters on this rank",
-            flush=True,
-        )
-    return model
-
-
-def _fit_routers_to_data(model, data: DataBundle, vocab: int, rank: int) -> None:
-    """Routers that need the corpus (a hash table balanced by token frequency) get the
-    training split's token counts, the same on every rank since every rank holds every
-    block; their result lives in buffers, so a checkpoint carries it."""
-    routers = [
-        m.router for m in model.modules() if isinstance(m, MoELayer) and m.router.needs_token_counts
-    ]
-    if not routers:
-        return
-    counts_V = torch.from_numpy(np.bincount(data.train.blocks.reshape(-1), minlength=vocab))
-    for router in routers:
-        router.fit_to_data(counts_V)
-    if rank == 0:
-        print(
-            f"routing: {len(routers)} {routers[0].name} router(s) fitted to the token counts "
-            f"of the training split ({int(counts_V.sum())} tokens)",
-            flush=True,
-        )
-
-
-def _stateful_routers(model) -> list:
-    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
-    return routers if any(r.updates_after_step for r in routers) else []
 
 
 def _build_data(cfg: XparConfig) -> DataBundle:
