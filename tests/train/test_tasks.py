@@ -83,7 +83,7 @@ def _teacher_val(rank, world, ckpt, overrides):
         cfg.data, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size
     )
     groups = init_parallel(1, "gloo", 60)
-    model = teacher.build_teacher(ckpt, groups, teacher.saved_run(ckpt), torch.device("cpu"))
+    model = teacher.build_teacher(ckpt, groups, torch.device("cpu"))
     batches = data.val_batches(cfg.train.eval_batches)
     with torch.no_grad():
         return sum(lm_loss(model(x)[0], y).item() for x, y in batches) / len(batches)
@@ -91,7 +91,12 @@ def _teacher_val(rank, world, ckpt, overrides):
 
 def test_a_teacher_saved_at_ep2_scores_like_its_own_run_in_one_process(tmp_path):
     # Dropless: capacity is per rank, so 2 ranks of B drop differently from one of 2B.
-    tea = BASE + ["moe.capacity_factor=null", "train.steps=5", "train.micro_batch_size=4", f"train.out_dir={tmp_path}/t"]
+    tea = BASE + [
+        "moe.capacity_factor=null",
+        "train.steps=5",
+        "train.micro_batch_size=4",
+        f"train.out_dir={tmp_path}/t",
+    ]
     ((_, tea_val, ckpt),) = run_distributed(_train, 2, [tea], timeout=600)[0]
     one = BASE + ["moe.capacity_factor=null", "train.micro_batch_size=8"]
     got = run_distributed(_teacher_val, 1, ckpt, one, timeout=600)[0]

@@ -8,7 +8,7 @@ from xpar.errors import XparConfigError
 from xpar.models import MoETransformer
 from xpar.models.config import ModelConfig
 from xpar.moe import MoEConfig
-from xpar.train import teacher
+from xpar.train import saved_model, teacher
 from xpar.train.checkpoint import rank_file
 
 
@@ -27,7 +27,7 @@ def _model(run):
 def test_full_state_joins_the_expert_slices_of_every_rank_file():
     d = _fixture()  # saved with ep_size=2 on 2 ranks
     parts = [torch.load(rank_file(d, r), weights_only=False)["module"] for r in (0, 1)]
-    full = teacher.full_state(d)
+    full = saved_model.full_state(d)
     run = teacher.saved_run(d)
     E = run["model"]["moe"]["num_experts"]
     for key, value in full.items():
@@ -44,8 +44,8 @@ def test_one_process_teacher_holds_every_expert_bitwise():
     d = _fixture()
     run = teacher.saved_run(d)
     model, _ = _model(run)
-    teacher.load_sliced(model, teacher.full_state(d))
-    full = teacher.full_state(d)
+    saved_model.load_sliced(model, saved_model.full_state(d))
+    full = saved_model.full_state(d)
     for k, v in model.state_dict().items():
         assert torch.equal(v, full[k]), k
 
@@ -55,7 +55,7 @@ def test_a_slice_for_another_layout_is_the_matching_rows():
     run = teacher.saved_run(d)
     cfgs = run["model"]
     moe = MoEConfig(**cfgs["moe"])
-    full = teacher.full_state(d)
+    full = saved_model.full_state(d)
     # EP=4 rank 3 holds expert 3 of 4: build its banks by hand and load.
     from xpar.moe.experts import GroupedExperts
 
@@ -65,7 +65,7 @@ def test_a_slice_for_another_layout_is_the_matching_rows():
     holder = torch.nn.Module()
     holder.experts = bank
     state = {f"experts.{w}": full[f"blocks.0.ffn.experts.{w}"] for w in ("w1", "w2")}
-    teacher.load_sliced(holder, state)
+    saved_model.load_sliced(holder, state)
     assert torch.equal(bank.w1, full["blocks.0.ffn.experts.w1"][3:4])
 
 

@@ -13,7 +13,7 @@ import torch
 from xpar.models.classifier import SequenceClassifier, describe_load, load_backbone_state
 from xpar.moe import MoELayer
 from xpar.train import checkpoint as ckpt
-from xpar.train import teacher
+from xpar.train import saved_model, teacher
 
 
 def moe_layers(model) -> list[MoELayer]:
@@ -26,9 +26,9 @@ def init_from(model, directory: Path, groups, record: dict) -> dict:
     if not isinstance(model, SequenceClassifier):
         return ckpt.load_weights(model, directory, groups, run=record)
     where = "train.init_from"
-    saved = teacher.saved_run(directory, where)
+    saved = saved_model.saved_run(directory, where)
     teacher.check_vocabulary(saved, record["tokenizer"], model.model_cfg.vocab_size, where)
-    lm_state = teacher.sliced_state(model.backbone, teacher.full_state(directory))
+    lm_state = saved_model.sliced_state(model.backbone, saved_model.full_state(directory, where))
     missing, unexpected = load_backbone_state(model, lm_state, where=where)
     if groups.rank == 0:
         print(describe_load(len(lm_state) - len(unexpected), missing, unexpected), flush=True)
@@ -42,7 +42,7 @@ def teacher_for(cfg, groups, record: dict):
         return None
     saved = teacher.saved_run(d.teacher)
     teacher.check_vocabulary(saved, record["tokenizer"], record["model"]["model"]["vocab_size"])
-    model = teacher.build_teacher(d.teacher, groups, saved, groups.device)
+    model = teacher.build_teacher(d.teacher, groups, groups.device)
     if groups.rank == 0:
         print(
             f"distilling from {d.teacher} (alpha {d.alpha}, temperature {d.temperature}): "

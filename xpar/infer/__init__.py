@@ -1,0 +1,1 @@
+"""Using a trained model: generation and evaluation from a checkpoint of any layout."""
