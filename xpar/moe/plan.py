@@ -57,6 +57,39 @@ class RoutingPlan:
     balance_probs_E: torch.Tensor | None = None
 
 
+def even_plan(
+    token_idx_A: torch.Tensor,
+    weight_A: torch.Tensor,
+    num_experts: int,
+    per_expert: int,
+    num_tokens: int,
+    stats: RouterStats,
+    dropped_fraction: torch.Tensor | None = None,
+    **slots: torch.Tensor,
+) -> RoutingPlan:
+    """The plan of a router that gives every expert the same `per_expert` rows, expert-major
+    (expert choice, the soft mixture, Soft MoE's slots): nothing to count or drop by
+    capacity. `dropped_fraction`: tokens no expert took (default none); `slots`: Soft MoE's
+    slot_dispatch_BLJ / slot_combine_BLJ."""
+    E, dev = num_experts, token_idx_A.device
+    counts_E = torch.full((E,), per_expert, dtype=torch.long, device=dev)
+    return RoutingPlan(
+        token_idx_A=token_idx_A,
+        expert_idx_A=torch.arange(E, device=dev).repeat_interleave(per_expert),
+        weight_A=weight_A,
+        counts_E=counts_E,
+        tokens_per_expert_E=counts_E.float(),
+        num_tokens=num_tokens,
+        lb_loss=stats.lb_loss,
+        z_loss=stats.z_loss,
+        dropped_fraction=(
+            torch.zeros((), device=dev) if dropped_fraction is None else dropped_fraction
+        ),
+        entropy=stats.entropy,
+        **slots,
+    )
+
+
 def token_choice_capacity(
     capacity_factor: float, top_k: int, num_tokens: int, num_experts: int
 ) -> int:

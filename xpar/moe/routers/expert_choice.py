@@ -15,7 +15,7 @@ import math
 import torch
 
 from xpar.config.checks import bad
-from xpar.moe.plan import RoutingPlan
+from xpar.moe.plan import RoutingPlan, even_plan
 from xpar.moe.routers import LinearRouter, NaiveRoute, register
 from xpar.moe.routers.base import stats_of
 
@@ -63,20 +63,8 @@ class ExpertChoiceRouter(LinearRouter):
         taken_T = torch.zeros(T, dtype=torch.bool, device=dev)
         taken_T[token_idx_A] = True
         dropped = 1.0 - taken_T.float().mean() if T > 0 else torch.zeros((), device=dev)
-        counts_E = torch.full((E,), C, dtype=torch.long, device=dev)
         stats = stats_of(logits_TE, probs_TE, logits_TE.sum() * 0.0)
-        return RoutingPlan(
-            token_idx_A=token_idx_A,
-            expert_idx_A=torch.arange(E, device=dev).repeat_interleave(C),
-            weight_A=w_EC.reshape(-1),
-            counts_E=counts_E,
-            tokens_per_expert_E=counts_E.float(),
-            num_tokens=T,
-            lb_loss=stats.lb_loss,
-            z_loss=stats.z_loss,
-            dropped_fraction=dropped,
-            entropy=stats.entropy,
-        )
+        return even_plan(token_idx_A, w_EC.reshape(-1), E, C, T, stats, dropped)
 
     def naive_route(
         self,

@@ -40,7 +40,7 @@ from torch import nn
 
 from xpar.config.checks import need_int
 from xpar.moe.losses import router_entropy
-from xpar.moe.plan import RoutingPlan
+from xpar.moe.plan import RouterStats, RoutingPlan, even_plan
 from xpar.moe.routers import LinearRouter, NaiveRoute, Router, register
 from xpar.moe.routers.base import stats_of
 
@@ -116,19 +116,15 @@ class SoftRouter(Router):
         dispatch_BLJ = torch.softmax(logits_BLJ, dim=1)  # over the sequence's tokens
         combine_BLJ = torch.softmax(logits_BLJ, dim=2)  # over the sequence's slots
         S, dev = B * E * P, x_TD.device
-        counts_E = torch.full((E,), B * P, dtype=torch.long, device=dev)
         zero = logits_BLJ.sum() * 0.0
-        return RoutingPlan(
-            token_idx_A=torch.arange(S, device=dev),
-            expert_idx_A=torch.arange(E, device=dev).repeat_interleave(B * P),
-            weight_A=torch.ones(S, device=dev),
-            counts_E=counts_E,
-            tokens_per_expert_E=counts_E.float(),
-            num_tokens=S,
-            lb_loss=zero,
-            z_loss=zero,
-            dropped_fraction=torch.zeros((), device=dev),
-            entropy=router_entropy(combine_BLJ.reshape(T, E * P)),
+        entropy = router_entropy(combine_BLJ.reshape(T, E * P))
+        return even_plan(
+            torch.arange(S, device=dev),
+            torch.ones(S, device=dev),
+            E,
+            B * P,
+            S,
+            RouterStats(lb_loss=zero, z_loss=zero, entropy=entropy),
             slot_dispatch_BLJ=dispatch_BLJ,
             slot_combine_BLJ=combine_BLJ,
         )
@@ -179,21 +175,10 @@ class SoftMixRouter(LinearRouter):
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         (T, E), dev = probs_TE.shape, x_TD.device
-        counts_E = torch.full((E,), T, dtype=torch.long, device=dev)
         stats = stats_of(logits_TE, probs_TE, logits_TE.sum() * 0.0)
         # Rows expert-major: every token once per expert.
-        return RoutingPlan(
-            token_idx_A=torch.arange(T, device=dev).repeat(E),
-            expert_idx_A=torch.arange(E, device=dev).repeat_interleave(T),
-            weight_A=probs_TE.t().reshape(-1),
-            counts_E=counts_E,
-            tokens_per_expert_E=counts_E.float(),
-            num_tokens=T,
-            lb_loss=stats.lb_loss,
-            z_loss=stats.z_loss,
-            dropped_fraction=torch.zeros((), device=dev),
-            entropy=stats.entropy,
-        )
+        token_idx_A = torch.arange(T, device=dev).repeat(E)
+        return even_plan(token_idx_A, probs_TE.t().reshape(-1), E, T, T, stats)
 
     def naive_route(
         self,
