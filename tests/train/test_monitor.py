@@ -169,6 +169,11 @@ def test_offline_run_logs_metrics_histograms_and_scrubbed_config(tmp_path, monke
         assert hist["bins"] == [0, 1, 2, 3, 4]
     assert rows[4]["val/loss"] == 2.0
     assert rows[4]["val/ppl"] == pytest.approx(math.exp(2.0))
+    # the expert-load heatmap, drawn at the end, next to metrics.jsonl and in W&B as an image
+    assert mon.load_png == run_dir / "expert_load.png" and mon.load_png.exists()
+    image = rows[4]["moe/expert_load"]
+    assert image["_type"] == "image-file" and image["format"] == "png"
+    assert (wandb_dir / "files" / image["path"]).exists()
     assert run["summary"]["val/loss"] == 2.0
     _check_config_arrived_secrets_did_not(run, run_dir, out.getvalue())
 

@@ -14,6 +14,7 @@ import pytest
 
 from tests.fixtures import golden
 from xpar.testing import run_distributed
+from xpar.train.sinks.load_map import read_loads
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +139,10 @@ def test_killed_and_resumed_run_continues_the_same_loss_curve(tmp_path):
     # Bitwise on CPU with deterministic settings.
     assert [resumed[s] for s in range(7, 13)] == [want[s] for s in range(7, 13)]
     assert [first[s] for s in range(1, 8)] == [want[s] for s in range(1, 8)]
+    # the expert-load picture covers both segments of the run
+    steps, counts = read_loads(broken / "expert_load.jsonl")
+    assert steps == read_loads(straight / "expert_load.jsonl")[0] and steps[-1] == 12
+    assert (broken / "expert_load.png").exists()
 
     # The resumed run kept its W&B run: one run id across both segments, metrics on disk.
     from xpar.train.wandb_reader import read_offline_run

@@ -20,10 +20,9 @@ same numbers. --reuse command also takes runs made by other code (their figures 
 stale: say so when quoting them); --reuse never trains every arm again.
 
 Written to OUT (default outputs/quality): <arm>/ (the run) and <arm>.log per arm, and per
-suite <suite>.json (arms, curves, figures, targets) and <suite>.png (matplotlib, optional:
-pip install "xpar[bench]"). --quick trains tiny models for a few steps: it checks the
-pipeline end to end (arms run, metrics come back, tables, targets and plots are made), not
-the figures.
+suite <suite>.json (arms, curves, figures, targets) and <suite>.png. --quick trains tiny
+models for a few steps: it checks the pipeline end to end (arms run, metrics come back,
+tables, targets and plots are made), not the figures.
 """
 
 from __future__ import annotations
@@ -339,7 +338,7 @@ def write_plot(
     except ImportError:
         print(
             "quality: matplotlib is not installed, no plot written "
-            '(pip install "xpar[bench]", then rerun)',
+            "(it is one of xpar's dependencies: reinstall xpar, then rerun)",
             flush=True,
         )
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["moe_layer_metrics", "moe_step_metrics", "to_float"]
+__all__ = ["layer_loads", "moe_layer_metrics", "moe_step_metrics", "to_float"]
 
 # Per-layer scalars logged as moe/layer_<i>/<name>, in this order.
 LAYER_SCALARS = (
@@ -105,3 +105,13 @@ def moe_step_metrics(
         if with_hist and "tokens_per_expert" in lm:
             hists[f"moe/layer_{i}/tokens_per_expert"] = lm["tokens_per_expert"]
     return m, hists
+
+
+def layer_loads(moe_layers: Any) -> list[list[float]]:
+    """Tokens per expert of every layer that reports them, in layer order."""
+    loads = []
+    for _, stats in _layer_items(moe_layers):
+        counts = _get(stats, "tokens_per_expert")
+        if counts is not None:
+            loads.append(_to_list(counts))
+    return loads

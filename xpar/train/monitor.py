@@ -24,7 +24,7 @@ from xpar.config.schema import LoggerConfig
 from xpar.redact import redact, to_plain
 from xpar.train.mfu import mfu
 from xpar.train.mfu import peak_flops as detect_peak_flops
-from xpar.train.moe_metrics import moe_step_metrics, to_float
+from xpar.train.moe_metrics import layer_loads, moe_step_metrics, to_float
 from xpar.train.sinks.console import (
     ConsoleSink,
     config_text,
@@ -35,6 +35,7 @@ from xpar.train.sinks.console import (
     format_warnings,
 )
 from xpar.train.sinks.jsonl import METRICS_FILE, MetricsFileSink
+from xpar.train.sinks.load_map import LoadMapSink
 from xpar.train.sinks.wandb import WandbSink
 
 __all__ = ["CONFIG_FILE", "Monitor"]
@@ -115,6 +116,8 @@ class Monitor:
         self._console: ConsoleSink | None = None
         self._wandb: WandbSink | None = None
         self._metrics: MetricsFileSink | None = None
+        self._loads: LoadMapSink | None = None
+        self.load_png: Path | None = None  # the expert-load heatmap, once finish() drew it
         self._finished = False
         self._last: dict[str, Any] = {}
         self.start(0, 0)
@@ -133,6 +136,7 @@ class Monitor:
             stream=self.stream,
         )
         self._metrics = MetricsFileSink(self.run_dir)
+        self._loads = LoadMapSink(self.run_dir)
         if self.cfg.wandb_mode != "disabled":
             self._wandb = WandbSink(
                 self.cfg,
@@ -229,6 +233,7 @@ class Monitor:
             moe_layers, aux_loss=aux_loss, z_loss=z_loss, with_hist=self.should_hist(step)
         )
         m.update(moe)
+        self._loads.record(step, layer_loads(moe_layers))
         if self._wandb is not None:
             self._wandb.log(m, step, hists)
         eta = self._eta(step, now)
@@ -329,10 +334,25 @@ class Monitor:
             self._finished = True
             return self.wandb_dir
         self._finished = True
+        self.load_png = self._draw_loads()
         self._console.close()
         if self._wandb is not None:
             self._wandb.finish(exit_code=exit_code)
         return self.wandb_dir
+
+    def _draw_loads(self) -> Path | None:
+        # A picture that cannot be drawn costs the run nothing: say so and go on.
+        try:
+            png = self._loads.render()
+        except Exception as e:  # noqa: BLE001 - matplotlib's errors are many and all alike here
+            self._console.line(f"expert load: no picture ({type(e).__name__}: {e})")
+            return None
+        if png is None:
+            return None
+        self._console.line(f"expert load: {png}")
+        if self._wandb is not None:
+            self._wandb.log_image("moe/expert_load", png, self._last.get("step", self._step_last))
+        return png
 
     def __enter__(self) -> Monitor:
         return self

@@ -51,13 +51,22 @@ from xpar.errors import XparConfigError
 from xpar.train import checkpoint as ckpt
 from xpar.train.schedule import resume_note
 from xpar.train.sinks.jsonl import METRICS_FILE
+from xpar.train.sinks.load_map import LOAD_FILE, LOAD_PNG
 
 # A finished run found again: distinct from 1 (a crash), 2 (a config error), 75 (preempted).
 EXIT_NOTHING_TO_DO = 4
 
 # An out_dir's files that belong to one run (the Hydra files .hydra/ and *.log are this
 # launch's own, written before the trainer starts). A new per-run file belongs here.
-RUN_FILES = ("checkpoints", METRICS_FILE, "wandb", "config.yaml", "startup.json")
+RUN_FILES = (
+    "checkpoints",
+    METRICS_FILE,
+    LOAD_FILE,
+    LOAD_PNG,
+    "wandb",
+    "config.yaml",
+    "startup.json",
+)
 _ASIDE = ".xpar-overwritten-"  # prefix of the folder an overwrite moves the old run into
 
 

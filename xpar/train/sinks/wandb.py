@@ -60,6 +60,12 @@ class WandbSink:
         payload.update({k: histogram(v) for k, v in (hists or {}).items()})
         self._run.log(payload, step=int(step))
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """Log a PNG file as a W&B image at `step`."""
+        import wandb
+
+        self._run.log({key: wandb.Image(str(path))}, step=int(step))
+
     def describe(self) -> str:
         """The summary line: where the run is and how to upload it."""
         if self.url:
