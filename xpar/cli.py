@@ -6,6 +6,7 @@
   export    write a checkpoint as a Hugging Face model directory (xpar.interop.export)
   import    read a Hugging Face Mixtral / Qwen-MoE directory into an xpar checkpoint
             (xpar.interop.hf_import)
+  bench     run one of the benchmarks (xpar.bench; `xpar bench --help` lists them)
 
 Each command's module is imported only when it runs, so `xpar generate` pays for neither
 Hydra nor DeepSpeed.
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("xpar.infer.evaluate", "loss, perplexity and expert load on local files"),
     "export": ("xpar.interop.export", "write a checkpoint as a Hugging Face model"),
     "import": ("xpar.interop.hf_import", "read a Hugging Face MoE model into a checkpoint"),
+    "bench": ("xpar.bench.__main__", "run a benchmark (moe under torchrun, quality, startup)"),
 }
 
 
