@@ -31,6 +31,8 @@ CASES = {
         tiny(tie_embeddings=True),
         MoEConfig(num_experts=4, top_k=2, d_ff=16, activation="swiglu", shared_expert_d_ff=20),
     ),
+    "dense_gqa": (tiny(n_heads=4, n_kv_heads=2), MoEConfig(every=0)),
+    "moe_gqa_one_kv_head": (tiny(n_kv_heads=1), MoEConfig(num_experts=4, top_k=2, d_ff=16)),
     "moe_every3_mixed_act": (
         tiny(activation="swiglu", n_layers=5),
         MoEConfig(num_experts=8, top_k=3, d_ff=8, every=3, activation="squared_relu"),

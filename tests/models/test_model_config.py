@@ -29,6 +29,10 @@ def test_defaults_are_valid_and_structured_roundtrip():
         (dict(init_std=float("inf")), "model.init_std=inf"),
         (dict(activation="tanh"), "model.activation='tanh'"),
         (dict(d_model=True), "model.d_model=True"),
+        (dict(n_heads=4, n_kv_heads=3), "model.n_kv_heads=3"),  # does not divide n_heads
+        (dict(n_heads=4, n_kv_heads=8), "model.n_kv_heads=8"),
+        (dict(n_kv_heads=-1), "model.n_kv_heads=-1"),
+        (dict(n_kv_heads=2.0), "model.n_kv_heads=2.0"),
     ],
 )
 def test_invalid_fields_name_field_value_and_fix(kwargs, field):
@@ -37,6 +41,14 @@ def test_invalid_fields_name_field_value_and_fix(kwargs, field):
     msg = str(e.value)
     assert msg.startswith(field), msg
     assert "is invalid:" in msg and len(msg.split("is invalid:")[1].strip()) > 5
+
+
+def test_n_kv_heads_zero_means_n_heads_and_message_names_the_fix():
+    assert ModelConfig(n_heads=4).kv_heads == 4
+    assert ModelConfig(n_heads=4, n_kv_heads=2).kv_heads == 2
+    with pytest.raises(XparConfigError, match="divisor of n_heads") as e:
+        ModelConfig(n_heads=4, n_kv_heads=3)
+    assert "model.n_heads=4" in str(e.value)
 
 
 def test_rotary_message_mentions_even_head_dim():

@@ -234,3 +234,43 @@ def test_bf16_cpu_matches_fp32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_cuda_matches_fp32():
     _bf16_matches_fp32("cuda")
+
+
+@pytest.mark.parametrize("n_kv", [0, 2])
+@pytest.mark.parametrize("moe", [False, True])
+def test_kv_cache_prefill_then_decode_equals_full_forward(n_kv, moe):
+    """The prompt into an empty cache, then one token per step: each step's logits are the
+    full forward's at that position (rotary at absolute positions, decode sees every key)."""
+    torch.manual_seed(0)
+    moe_cfg = MoEConfig(num_experts=4, top_k=2, d_ff=32, capacity_factor=None) if moe else DENSE
+    model = MoETransformer(tiny(n_kv_heads=n_kv), moe_cfg, ep_group="local").eval()
+    tokens = torch.randint(0, 48, (2, 12))
+    with torch.no_grad():
+        want, _ = model(tokens)
+        cache = model.new_cache(2, 16)
+        got = [model(tokens[:, :5], cache)[0]]
+        for t in range(5, 12):
+            got.append(model(tokens[:, t : t + 1], cache, start_pos=t)[0])
+    assert cache[0].length == 12 and cache[0].k_BNSK.shape == (2, n_kv or 4, 16, 8)
+    torch.testing.assert_close(torch.cat(got, dim=1), want, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_misuse_is_refused():
+    model = MoETransformer(tiny(), DENSE).eval()
+    cache = model.new_cache(1, 8)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="start_pos=1"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache, start_pos=1)
+        with pytest.raises(ValueError, match="one token per step"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache)
+        model(torch.zeros(1, 1, dtype=torch.long), cache)
+        for _ in range(4):
+            model(torch.zeros(1, 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="max_len=8"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="position 4 \\+ 30 exceeds model.max_seq_len=32"):
+            model(torch.zeros(1, 30, dtype=torch.long), start_pos=4)
+    encoder = MoETransformer(tiny(causal=False), DENSE).eval()
+    with pytest.raises(XparConfigError, match="model.causal=False"):
+        encoder(torch.zeros(1, 3, dtype=torch.long), encoder.new_cache(1))

@@ -38,6 +38,9 @@ class ModelConfig:
     d_model: int = 256  # width of the residual stream
     n_layers: int = 4  # Transformer blocks
     n_heads: int = 4  # attention heads (d_model / n_heads must be even, for rotary)
+    # Key/value heads (grouped-query attention): 0 means n_heads (plain multi-head); else a
+    # divisor of n_heads, each k/v head shared by n_heads / n_kv_heads query heads.
+    n_kv_heads: int = 0
     d_ff: int = 1024
     max_seq_len: int = 256  # longest sequence the model accepts (>= data.seq_len)
     rope_theta: float = 10000.0
@@ -88,6 +91,15 @@ class ModelConfig:
                 f"head dim d_model/n_heads={self.head_dim} is odd but rotary embedding needs it "
                 "even; change d_model or n_heads",
             )
+        kv = self.n_kv_heads
+        if not is_int(kv) or kv < 0 or (kv > 0 and self.n_heads % kv != 0):
+            raise bad(
+                prefix,
+                "n_kv_heads",
+                kv,
+                f"it must divide model.n_heads={self.n_heads} (each key/value head serves "
+                "n_heads / n_kv_heads query heads); use 0 (= n_heads) or a divisor of n_heads",
+            )
 
     def attention_opts(self, prefix: str = "model") -> Any:
         """model.attention_options as the variant's typed Options (unknown keys refused)."""
@@ -102,6 +114,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when it is 0."""
+        return self.n_kv_heads or self.n_heads
 
 
 def moe_block_ids(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list[int]:

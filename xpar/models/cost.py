@@ -1,11 +1,12 @@
 """Parameter and FLOP cost of a model, from its configs alone.
 
-Notation: V vocab, D d_model, N n_layers, F dense d_ff, E experts, k experts per token
+Notation: V vocab, D d_model, N n_layers, H heads, G key/value heads (model.kv_heads),
+K = D / H head dim, F dense d_ff, E experts, k experts per token
 (the router's `experts_per_token`), Fe expert d_ff, Fs shared-expert d_ff, L sequence
 length, and m(act) the activation's matrix count (3 for gated swiglu: w1, w3, w2; else 2).
 
 Parameters (no biases anywhere):
-    attention per block   4 D^2            (wqkv 3 D^2 + wo D^2)
+    attention per block   2 D^2 + 2 D G K  (wqkv D (D + 2 G K) + wo D^2; 4 D^2 when G = H)
     norms per block       2 D              (+ D for the final norm)
     dense FFN             m(model.act) D F
     MoE FFN               router (its `num_params`; E D for a linear router)
@@ -24,7 +25,8 @@ where matmul_active_params = active_params - norm weights - (embedding table
 is one V D matmul, tied or not. The router is a matmul and counts. The attention term comes from the
 attention variant (dense: 2 * 2 * L * D, QK^T and AV over the FULL L x L score
 matrix, not halved for the causal mask, which matches SDPA's math path and
-torch.utils.flop_counter and bounds flash kernels that skip masked tiles).
+torch.utils.flop_counter and bounds flash kernels that skip masked tiles; grouped-query
+attention repeats k/v heads, so every query head still does its full products).
 Element-wise work (norms, activations, softmax, rotary) is not counted.
 """
 
@@ -69,7 +71,8 @@ def model_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> Mode
     n_moe = len(moe_block_ids(model_cfg, moe_cfg))
     n_dense = N - n_moe
 
-    attention = N * 4 * D * D
+    kv_dim = model_cfg.kv_heads * model_cfg.head_dim
+    attention = N * (2 * D * D + 2 * D * kv_dim)
     norms = N * 2 * D + D
     dense_ffn = n_dense * _mats(model_cfg.activation) * D * model_cfg.d_ff
     per_expert = _mats(moe_cfg.activation) * D * moe_cfg.d_ff

@@ -18,6 +18,7 @@ from torch import nn
 from xpar.errors import XparConfigError
 from xpar.models.attention import get_attention
 from xpar.models.config import ModelConfig, check_causal, moe_block_ids
+from xpar.models.kv_cache import KVCache
 from xpar.models.mlp import MLP
 from xpar.moe import MoEConfig, MoELayer
 
@@ -36,16 +37,17 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
+    seq_len: int, head_dim: int, theta: float, device: torch.device, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [L, K/2] in fp32 for positions 0..L-1.
+    """cos/sin tables [L, K/2] in fp32 for positions start..start+L-1 (absolute positions:
+    a decode step with a KV cache rotates its token at its place in the sequence).
 
     Computed per forward, not stored as buffers, so that casting the model to
     bf16 cannot round the angles (position * frequency grows large).
     """
     f32 = dict(device=device, dtype=torch.float32)
     inv_freq_K = theta ** (-torch.arange(0, head_dim, 2, **f32) / head_dim)
-    angle_LK = torch.outer(torch.arange(seq_len, **f32), inv_freq_K)
+    angle_LK = torch.outer(torch.arange(start, start + seq_len, **f32), inv_freq_K)
     return angle_LK.cos(), angle_LK.sin()
 
 
@@ -62,25 +64,79 @@ def apply_rotary(x_BHLK: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tenso
 
 
 class SelfAttention(nn.Module):
-    """Projections, heads and rotary positions; the registered variant does the mixing."""
+    """Projections, heads and rotary positions; the registered variant does the mixing.
+
+    Grouped-query attention: wqkv's rows are [q (H*K); k (N*K); v (N*K)] for N = kv heads,
+    head h at rows h*K..(h+1)*K of its part; query head h reads kv head h // (H / N). With
+    N = H this is plain multi-head attention, the same weights and the same numbers.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.head_dim
         self.causal = cfg.causal
-        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.attention = cfg.attention
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim + 2 * kv_dim, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kernel = get_attention(cfg.attention)(cfg.n_heads, cfg.head_dim, cfg.attention_opts())
 
-    def forward(self, x_BLD: torch.Tensor, cos_LK: torch.Tensor, sin_LK: torch.Tensor):
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        cos_LK: torch.Tensor,
+        sin_LK: torch.Tensor,
+        cache: KVCache | None = None,
+    ):
         B, L, D = x_BLD.shape
-        qkv_BL3HK = self.wqkv(x_BLD).view(B, L, 3, self.n_heads, self.head_dim)
-        q_BHLK, k_BHLK, v_BHLK = qkv_BL3HK.permute(2, 0, 3, 1, 4).unbind(0)
+        H, N, K = self.n_heads, self.n_kv_heads, self.head_dim
+        # split, not slicing: its backward concatenates (no zero-filled sums), and v keeps
+        # the strides the fused [B, L, 3, H, K] view gave it (bitwise the same numbers).
+        q_BLX, k_BLX, v_BLX = self.wqkv(x_BLD).split((H * K, N * K, N * K), dim=-1)
+        q_BHLK = q_BLX.view(B, L, H, K).transpose(1, 2)
+        k_BNLK = k_BLX.view(B, L, N, K).transpose(1, 2)
+        v_BNLK = v_BLX.view(B, L, N, K).transpose(1, 2)
         q_BHLK = apply_rotary(q_BHLK, cos_LK, sin_LK)
-        k_BHLK = apply_rotary(k_BHLK, cos_LK, sin_LK)
-        o_BHLK = self.kernel(q_BHLK, k_BHLK, v_BHLK, causal=self.causal)
+        k_BNLK = apply_rotary(k_BNLK, cos_LK, sin_LK)
+        causal = self.causal
+        if cache is not None:
+            causal = self._cached_causal(cache, L)
+            k_BNLK, v_BNLK = cache.append(k_BNLK, v_BNLK)  # now every position so far
+        if N != H:
+            k_BHLK = k_BNLK.repeat_interleave(H // N, dim=1)
+            v_BHLK = v_BNLK.repeat_interleave(H // N, dim=1)
+        else:
+            k_BHLK, v_BHLK = k_BNLK, v_BNLK
+        o_BHLK = self.kernel(q_BHLK, k_BHLK, v_BHLK, causal=causal)
         return self.wo(o_BHLK.transpose(1, 2).reshape(B, L, D))
+
+    def _cached_causal(self, cache: KVCache, L: int) -> bool:
+        """The kernel's causal flag for L new tokens after cache.length cached ones.
+
+        SDPA's is_causal aligns the mask top-left: with fewer queries than keys, query 0
+        would see key 0 only, not every cached key. So a cached call is either the prompt
+        into an empty cache (square: the usual causal mask) or one token (it sees every
+        key, all of them in its past: no mask)."""
+        if not self.causal:
+            raise XparConfigError(
+                "model.causal=False: a KV cache is for causal decoding; an encoder attends "
+                "to the whole sequence, so run it without a cache"
+            )
+        if not getattr(self.kernel, "cache_ok", False):
+            raise XparConfigError(
+                f"model.attention={self.attention!r} does not support a KV cache; "
+                "generate without one (xpar generate --no-cache) or use model.attention=dense"
+            )
+        if cache.length == 0:
+            return True
+        if L == 1:
+            return False
+        raise ValueError(
+            f"a cached forward of {L} tokens after {cache.length} cached ones: feed the "
+            "prompt whole into an empty cache, then one token per step"
+        )
 
 
 class Block(nn.Module):
@@ -103,8 +159,9 @@ class Block(nn.Module):
         cos_LK: torch.Tensor,
         sin_LK: torch.Tensor,
         tokens_BL: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ):
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LK, sin_LK)
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LK, sin_LK, cache)
         h_BLD = self.ffn_norm(x_BLD)
         if self.is_moe:
             y_BLD, aux = self.ffn(h_BLD, tokens_BL)
@@ -166,25 +223,81 @@ class MoETransformer(nn.Module):
             nn.init.normal_(block.attn.wo.weight, std=out_std)
             block.ffn.reset_parameters(std, out_std)
 
-    def forward(self, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, list]:
-        h_BLD, aux_list = self.hidden(tokens_BL)
+    def forward(
+        self,
+        tokens_BL: torch.Tensor,
+        cache: list[KVCache] | None = None,
+        start_pos: int | None = None,
+    ) -> tuple[torch.Tensor, list]:
+        h_BLD, aux_list = self.hidden(tokens_BL, cache, start_pos)
         return self.lm_head(h_BLD), aux_list
 
-    def hidden(self, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def new_cache(
+        self,
+        batch: int,
+        max_len: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> list[KVCache]:
+        """One empty KVCache per block for `batch` sequences of up to max_len positions
+        (default model.max_seq_len), in the model's dtype and on its device by default."""
+        w = self.tok_emb.weight
+        cfg = self.model_cfg
+        return [
+            KVCache(
+                batch,
+                cfg.kv_heads,
+                max_len or cfg.max_seq_len,
+                cfg.head_dim,
+                dtype=dtype or w.dtype,
+                device=device or w.device,
+            )
+            for _ in self.blocks
+        ]
+
+    def hidden(
+        self,
+        tokens_BL: torch.Tensor,
+        cache: list[KVCache] | None = None,
+        start_pos: int | None = None,
+    ) -> tuple[torch.Tensor, list]:
+        """With `cache` (from new_cache), tokens_BL continue the cached positions: rotary
+        angles start at start_pos (default: the cache's length; 0 without a cache)."""
         L = tokens_BL.shape[1]
-        if L > self.model_cfg.max_seq_len:
+        start = self._start(cache, start_pos)
+        if start + L > self.model_cfg.max_seq_len:
+            where = f"position {start} + " if start else ""
             raise ValueError(
-                f"sequence length {L} exceeds model.max_seq_len={self.model_cfg.max_seq_len}; "
-                "raise model.max_seq_len or feed shorter sequences"
+                f"sequence length {where}{L} exceeds model.max_seq_len="
+                f"{self.model_cfg.max_seq_len}; raise model.max_seq_len or feed shorter sequences"
             )
         cos_LK, sin_LK = rotary_cos_sin(
-            L, self.model_cfg.head_dim, self.model_cfg.rope_theta, tokens_BL.device
+            L, self.model_cfg.head_dim, self.model_cfg.rope_theta, tokens_BL.device, start
         )
         x_BLD = self.tok_emb(tokens_BL)
         aux_list = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             # Token ids go along for routers that route by them (hash layers).
-            x_BLD, aux = block(x_BLD, cos_LK, sin_LK, tokens_BL)
+            x_BLD, aux = block(
+                x_BLD, cos_LK, sin_LK, tokens_BL, None if cache is None else cache[i]
+            )
             if aux is not None:
                 aux_list.append(aux)
         return self.norm(x_BLD), aux_list
+
+    def _start(self, cache: list[KVCache] | None, start_pos: int | None) -> int:
+        if cache is None:
+            return start_pos or 0
+        if len(cache) != len(self.blocks):
+            raise ValueError(
+                f"cache has {len(cache)} layers but the model {len(self.blocks)} blocks; "
+                "make it with model.new_cache"
+            )
+        length = cache[0].length
+        if start_pos is not None and start_pos != length:
+            raise ValueError(
+                f"start_pos={start_pos} but the cache holds {length} positions; the new "
+                "tokens must continue the cached ones (start_pos = cache length)"
+            )
+        return length

@@ -23,6 +23,8 @@ class Attention(nn.Module):
     name: ClassVar[str]
     causal_ok: ClassVar[bool] = True
     exact: ClassVar[bool] = True
+    # Whether it runs with a KV cache (decode: one query against every cached key, no mask).
+    cache_ok: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, n_heads: int, head_dim: int, options: object) -> None:

@@ -14,6 +14,7 @@ from xpar.models.attention import Attention, register
 @register
 class DenseAttention(Attention):
     name = "dense"
+    cache_ok = True
 
     def forward(
         self, q_BHLK: torch.Tensor, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, causal: bool
