@@ -1,0 +1,60 @@
+"""What generate and eval share: a checkpoint's model (any EP layout, one process) and the
+tokenizer its run trained with, rebuilt from the run record (local files only)."""
+
+from __future__ import annotations
+
+import torch
+
+from xpar.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from xpar.errors import XparConfigError
+from xpar.models import MoETransformer
+
+
+def run_tokenizer(run: dict, override: str | None = None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer the run record names (its data.tokenizer spec), or `override` (a moved
+    copy of it); refused unless its content fingerprint is the recorded one."""
+    rec = run.get("tokenizer")
+    if not isinstance(rec, dict) or "spec" not in rec:
+        raise XparConfigError(
+            "checkpoint: the run record names no tokenizer (written by an older xpar); "
+            "name a checkpoint of a run made by this version"
+        )
+    spec = override or rec["spec"]
+    try:
+        tok = build_tokenizer(spec)
+    except XparConfigError as e:
+        raise XparConfigError(
+            f"--tokenizer={spec!r}: the checkpoint's tokenizer cannot be built ({e}); "
+            "pass --tokenizer DIR naming a local copy of the run's tokenizer.json"
+        ) from e
+    want = rec.get("fingerprint")
+    if want is not None and tok.fingerprint != want:
+        raise XparConfigError(
+            f"--tokenizer={spec!r} is not the tokenizer the run trained with (fingerprint "
+            f"{tok.fingerprint}, recorded {want}); pass --tokenizer DIR naming the run's own "
+            "tokenizer.json"
+        )
+    return tok
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise XparConfigError("--device=cuda is invalid: no CUDA device here; use --device cpu")
+    return torch.device(name)
+
+
+def load_checkpoint(
+    checkpoint: str, device: torch.device, tokenizer: str | None = None
+) -> tuple[MoETransformer, dict, ByteTokenizer | HFTokenizer]:
+    """(the whole model on `device` in eval mode, the run record, its tokenizer)."""
+    from xpar.train.saved_model import build_model
+
+    model, run = build_model(checkpoint, "checkpoint")
+    tok = run_tokenizer(run, tokenizer)
+    if tok.vocab_size > model.model_cfg.vocab_size:
+        raise XparConfigError(
+            f"checkpoint: its tokenizer has {tok.vocab_size} ids but the model "
+            f"model.vocab_size={model.model_cfg.vocab_size}; the checkpoint and tokenizer "
+            "do not belong together"
+        )
+    return model.to(device), run, tok
