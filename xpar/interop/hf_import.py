@@ -58,7 +58,7 @@ def _rope_problems(hf: dict) -> tuple[float, list[str]]:
     return float(theta), out
 
 
-def configs_from_hf(hf: dict, where: str) -> tuple[ModelConfig, MoEConfig]:
+def configs_from_hf(hf: dict, where: str) -> tuple[ModelConfig, MoEConfig]:  # noqa: C901
     """xpar's model and MoE configs for an HF config.json; refusals name its fields."""
     arch = hf.get("model_type")
     if arch not in ARCHS:
