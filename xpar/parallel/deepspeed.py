@@ -39,6 +39,10 @@ How expert parameters get the right treatment (DeepSpeed 0.19.8, read from its s
   both seen on 2 gloo ranks). Do not use them. `XparEngine.state_dict()` gives one
   rank's state instead (module incl. local experts, the optimizer's own per-rank
   state, LR scheduler, engine counters); xpar.train.checkpoint writes it per rank.
+  For a checkpoint that loads into another layout (xpar.train.reshard), `master_state()`
+  assembles each parameter's fp32 master value and Adam moments whole from the ZeRO
+  partitions (each rank's fragment at its `_hp_mapping` addresses, summed onto one owner
+  rank) and `set_master_state()` writes them back into whatever partitions this engine has.
 * ZeRO-3 is refused (DeepSpeed's native MoE refuses it too).
 """
 
@@ -68,6 +72,15 @@ _ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
 
 # the DeepSpeed engine's step counters, saved and restored with the rest of its state
 _COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+_MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step
+
+
+def _entry(value: torch.Tensor, moments: list, step: Any) -> dict:
+    """One parameter's master state; moments not made yet (no step taken) are zeros."""
+    full = [torch.zeros_like(value) if m is None else m.detach().float().view_as(value).clone()
+            for m in moments]  # fmt: skip
+    step = 0 if step is None else int(step.item() if torch.is_tensor(step) else step)
+    return {"value": value.clone(), "exp_avg": full[0], "exp_avg_sq": full[1], "step": step}
 
 
 # --------------------------------------------------------------------------- start-up
@@ -410,6 +423,115 @@ class XparEngine:
             "lr_scheduler": e.lr_scheduler.state_dict() if e.lr_scheduler else None,
             "engine": {k: getattr(e, k) for k in _COUNTERS},
         }
+
+    # ------------------------------------------------------------- per-parameter state
+
+    @torch.no_grad()
+    def master_state(self, owner: Callable[[str, nn.Parameter], int]) -> dict[str, dict]:
+        """Collective: every parameter's fp32 master value, Adam moments and step, whole,
+        for the parameters `owner(name, param)` (a global rank in the param's data-parallel
+        group, the same on each of its ranks) gives to this rank: {name: {"value",
+        "exp_avg", "exp_avg_sq": fp32 tensors of the param's shape, "step": int}}.
+
+        ZeRO 1/2: each rank copies its fragment (fp32 partition and the base optimizer's
+        moments) into a zero buffer at the param's address, one reduce onto the owner
+        assembles it (x + 0 = x: exact). ZeRO 0 (fp32): the param and the AdamW state as
+        they are, no collective. Before the first step the moments are zeros, step 0.
+        """
+        e, rank, out = self.raw, self.groups.rank, {}
+        if not e.zero_optimization():
+            for name, p in e.module.named_parameters():
+                if owner(name, p) == rank:
+                    st = e.optimizer.state.get(p, {})
+                    moments = [st.get(k) for k in _MOMENTS]
+                    out[name] = _entry(p.detach().float(), moments, st.get("step"))
+            return out
+        opt = e.optimizer
+        group_of = {id(p): i for i, ps in enumerate(opt.bit16_groups) for p in ps}
+        for name, p in e.module.named_parameters():
+            i = group_of[id(p)]
+            flat = opt.single_partition_of_fp32_groups[i]
+            st = opt.optimizer.state.get(flat, {})
+            buf = torch.zeros(3, p.numel(), dtype=torch.float32, device=flat.device)
+            m = getattr(p, "_hp_mapping", None)
+            if m is not None:
+                lp, hp = m.lp_fragment_address, m.hp_fragment_address
+                for row, src in zip(buf, [flat, *(st.get(k) for k in _MOMENTS)], strict=True):
+                    if src is not None:
+                        row.narrow(0, lp.start, lp.numel).copy_(src.narrow(0, hp.start, hp.numel))
+            dst = owner(name, p)
+            dist.reduce(buf, dst=dst, group=opt.real_dp_process_group[i])
+            if dst == rank:
+                full = [t.view_as(p) for t in buf]  # _entry copies them out of buf
+                out[name] = _entry(full[0], full[1:], st.get("step"))
+        return out
+
+    @torch.no_grad()
+    def set_master_state(self, entries: Mapping[str, Mapping[str, Any]]) -> None:
+        """Rank-local: set every parameter (this rank's shape: experts already sliced), its
+        fp32 master fragment, Adam moments and step from `entries` as master_state gives
+        them; the module's weights become the master values in the module's dtype."""
+        e = self.raw
+        names = {id(p): n for n, p in e.module.named_parameters()}
+        missing = sorted(set(names.values()) - set(entries))
+        if missing:
+            raise XparConfigError(f"it has no state for the parameters {missing[:6]}")
+        if not e.zero_optimization():
+            for name, p in e.module.named_parameters():
+                ent = entries[name]
+                p.copy_(ent["value"].to(p.dtype).view_as(p))
+                e.optimizer.state[p] = {
+                    "step": torch.tensor(float(ent["step"]), dtype=torch.float32),
+                    **{k: ent[k].to(p.device, torch.float32).view_as(p).clone() for k in _MOMENTS},
+                }
+            return
+        opt = e.optimizer
+        for i, params in enumerate(opt.bit16_groups):
+            flat = opt.single_partition_of_fp32_groups[i]
+            st = opt.optimizer.state[flat]
+            for k in _MOMENTS:
+                if k not in st:  # a fresh engine: AdamW makes its state at the first step
+                    st[k] = torch.zeros_like(flat)
+            steps = {int(entries[names[id(p)]]["step"]) for p in params}
+            if len(steps) != 1:
+                raise XparDistributedError(
+                    f"ZeRO param group {i} has parameters at different optimizer steps {steps}"
+                )
+            st["step"] = torch.tensor(float(steps.pop()), dtype=torch.float32)
+            for p in params:
+                ent = entries[names[id(p)]]
+                p.data.copy_(ent["value"].to(p.dtype).view_as(p))  # a view into the flat buffer
+                m = getattr(p, "_hp_mapping", None)
+                if m is None:
+                    continue
+                lp, hp = m.lp_fragment_address, m.hp_fragment_address
+                for key, dst in (("value", flat), *((k, st[k]) for k in _MOMENTS)):
+                    src = ent[key].to(dst.device, torch.float32).reshape(-1)
+                    dst.data.narrow(0, hp.start, hp.numel).copy_(src.narrow(0, lp.start, lp.numel))
+
+    def schedule_state(self) -> dict:
+        """What is not per parameter: LR scheduler, step counters, gradient accumulation."""
+        e = self.raw
+        return {
+            "lr_scheduler": e.lr_scheduler.state_dict() if e.lr_scheduler else None,
+            "engine": {k: getattr(e, k) for k in _COUNTERS},
+            "grad_accum": int(e.gradient_accumulation_steps()),
+        }
+
+    def load_schedule_state(self, state: Mapping[str, Any]) -> None:
+        """Restore schedule_state() saved by an engine of any layout. The micro-step counter
+        is rescaled to this engine's gradient accumulation (DeepSpeed finds the step boundary
+        from it), the rest is layout-free."""
+        e = self.raw
+        if e.lr_scheduler is not None:
+            if state["lr_scheduler"] is None:
+                raise XparConfigError("it has no LR scheduler state but this run has one")
+            e.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        counters = dict(state["engine"])
+        saved_ga, ga = int(state["grad_accum"]), int(e.gradient_accumulation_steps())
+        counters["micro_steps"] = counters["micro_steps"] // saved_ga * ga
+        for k in _COUNTERS:
+            setattr(e, k, counters[k])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict` returned, into an engine built like the one that saved."""

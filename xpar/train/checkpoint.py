@@ -4,6 +4,8 @@
       step_00000006/   rank<NNNNN>.pt (every rank: module incl. its experts, optimizer,
                        LR scheduler, engine counters, this rank's client state),
                        xpar_parallel.json (rank 0: the layout, library versions),
+                       universal<NNNNN>.pt, universal.json (every rank's share of the
+                       layout-free state and rank 0's index: xpar.train.reshard),
                        client_state.json (rank 0, written last: step, data position, LR
                        schedule length, run record); beside each file <name>.sum.json,
                        its size and sha256, written by the rank that wrote the file
@@ -28,7 +30,10 @@ size its checksum file records). The checkpoint a damaged `latest` would fall ba
 therefore kept; partial and damaged directories older than `latest` are deleted, and
 directories newer than `latest` (a crashed save, rewritten by the next save) are left.
 
-The resume guard (does a checkpoint fit this run?) is xpar.train.resume_guard.
+The resume guard (does a checkpoint fit this run?) is xpar.train.resume_guard. A resume
+at the layout that saved (world size, ep_size, ZeRO stage, precision) reads the rank files
+(bitwise); at another layout it reads the universal state instead (xpar.train.reshard), and
+rank 0 says in one line what was resharded and what of the data and RNG carries over.
 
 `load_weights` is train.init_from: the module weights of a checkpoint, into a model that
 has no engine yet (the engine's optimizer then starts from them).
@@ -365,6 +370,7 @@ def save(engine: XparEngine, directory: str | Path, client_state: dict | None = 
     if rank == 0:
         meta = {**layout, **engine.versions()}
         write_checked(directory / LAYOUT_FILE, json.dumps(meta, indent=1))
+    reshard().save(engine, directory, layout, state["client_state"])  # collective
     dist.barrier()
 
 
@@ -378,8 +384,9 @@ def load(
 ) -> dict:
     """Collective: restore what `save` wrote into this engine; returns this rank's client_state.
 
-    The engine must be built like the one that saved (world size, ep_size, ZeRO stage,
-    precision; else XparConfigError) with a model the weights fit (see check_resumable).
+    An engine built like the one that saved (world size, ep_size, ZeRO stage, precision)
+    gets the rank file's state; another layout gets the universal state (xpar.train.reshard,
+    one line on rank 0 says so). The model must be one the weights fit (see check_resumable).
     `run` is this run's `run_record(...)`, compared with the one in client_state.json: a
     difference is refused unless `force` (train.resume=force), which warns once on rank 0.
     `state` is this rank's file as `read_rank_state` returned it (read here when None).
@@ -392,8 +399,14 @@ def load(
         except DamagedCheckpoint as e:
             raise DamagedCheckpoint(f"{where}: {e.what}", DAMAGED_FIX) from e
     saved_run = read_client_state(directory) if run is not None else None
+    resharding = reshard().is_reshard(state)
+    if resharding:
+        saved_shapes, now_shapes = reshard().shapes(engine, state["reshard"])
+    else:
+        saved_shapes, now_shapes = state["module"], engine.module.state_dict()
+    world = engine.groups.world_size
     changed = check_resumable(
-        directory, state["module"], engine.module.state_dict(), saved_run, run, force=force
+        directory, saved_shapes, now_shapes, saved_run, run, force=force, world_size=world
     )
     if changed and engine.groups.rank == 0:
         warnings.warn(
@@ -404,11 +417,30 @@ def load(
             stacklevel=2,
         )
     try:
-        engine.load_state_dict(state)
+        if resharding:
+            client_state = reshard().load(engine, directory, state)
+        else:
+            engine.load_state_dict(state)
+            client_state = state["client_state"]
     except XparConfigError as e:
         raise XparConfigError(f"{where}: {e}") from e
+    if resharding and engine.groups.rank == 0:
+        shared = saved_run if saved_run is not None else _shared_or_empty(directory)
+        line = reshard().describe(directory, state["layout"], _layout(engine), shared, run)
+        print(line, flush=True)
     dist.barrier()
-    return state["client_state"]
+    return client_state
+
+
+def reshard():
+    """xpar.train.reshard, imported when first used (it builds on this module)."""
+    from xpar.train import reshard as module
+
+    return module
+
+
+def _shared_or_empty(directory: Path) -> dict:
+    return read_client_state(directory) if (directory / CLIENT_STATE).is_file() else {}
 
 
 # The fix for a damaged checkpoint the user named (train.resume=<dir>: no fallback).
@@ -461,11 +493,19 @@ def read_rank_state(engine: XparEngine, directory: str | Path) -> dict:
     """This rank's part of a checkpoint, verified before it is read: client_state.json, the
     rank file (and on rank 0 the layout record). Rank-local: no collective.
 
+    At another layout (world size, ep_size, ZeRO stage, precision) this rank's share of the
+    universal state instead (xpar.train.reshard.read_share: verified, not yet read).
+
     Raises DamagedCheckpoint (a file missing, truncated, changed or unreadable) or
-    XparConfigError (saved with another world size or layout: not damage, resume like it).
+    XparConfigError (saved with another layout before checkpoints carried the universal
+    state: not damage, resume like it).
     """
     directory = Path(directory)
     rank = engine.groups.rank
+    if reshard().has_universal(directory):
+        index = reshard().read_index(directory)
+        if index["layout"] != _layout(engine):
+            return reshard().read_share(engine, directory, index)
     path = rank_file(directory, rank)
     # Always there in a trainer's checkpoint (written last); an engine-only save has none.
     shared = read_client_state(directory) if (directory / CLIENT_STATE).is_file() else {}
@@ -475,8 +515,8 @@ def read_rank_state(engine: XparEngine, directory: str | Path) -> dict:
             raise DamagedCheckpoint(f"{path} is missing (rank {rank}'s file of {saved})")
         raise XparConfigError(
             f"train.resume={str(directory)!r}: no checkpoint file {path.name} for rank "
-            f"{rank}; resume with the world size the checkpoint was saved with"
-            + (f" ({saved})" if saved else "")
+            f"{rank} (a checkpoint from before resharding); resume with the world size the "
+            "checkpoint was saved with" + (f" ({saved})" if saved else "")
         )
     if rank == 0:
         problem = file_problem(directory / LAYOUT_FILE)
@@ -487,8 +527,9 @@ def read_rank_state(engine: XparEngine, directory: str | Path) -> dict:
     if want != have or state["rank"] != rank:
         raise XparConfigError(
             f"train.resume={str(directory)!r} was saved with {have} (rank {state['rank']}) but "
-            f"this run is {want} (rank {rank}); resume with the same world size, "
-            "parallel.ep_size, parallel.zero_stage and parallel.precision"
+            f"this run is {want} (rank {rank}), and it has no universal state (written before "
+            "resharding); resume with the same world size, parallel.ep_size, "
+            "parallel.zero_stage and parallel.precision"
         )
     return state
 

@@ -4,7 +4,10 @@ A checkpoint resumes when its weights fit this model (parameter names and
 shapes; refused otherwise, even with train.resume=force), it was trained with the same
 tokenizer (its content), and this run's config is the one it recorded in everything but
 MAY_DIFFER (the step count, where the run lives, how often it evaluates and saves, the
-logger). Any other difference is listed (field, checkpoint value, now value) and refused
+logger, the parallel layout: a checkpoint reshards, xpar.train.reshard). How the global
+batch is split (train.micro_batch_size, train.grad_accum) may change too as long as the
+global batch (micro_batch_size x grad_accum x world size) stays the checkpoint's. Any other
+difference is listed (field, checkpoint value, now value) and refused
 unless train.resume=force, which resumes with one warning line. A field the checkpoint
 did not record (added to the config since) is not a difference.
 
@@ -52,6 +55,8 @@ MAY_DIFFER = frozenset(
         "train.max_bad_steps",  # when a failing run stops, not what a healthy one trains
         "train.max_loss",
         "parallel.timeout_s",  # how long a collective may wait
+        "parallel.ep_size",  # the layout: the checkpoint reshards (xpar.train.reshard)
+        "parallel.zero_stage",
         "data.cache_dir",  # where the token cache lives, not what it holds
         "data.tokenizer",  # its path; its content is compared (the fingerprint)
     }
@@ -80,6 +85,11 @@ def run_record(cfg: Any, model_cfg: Any, tokenizer: Any) -> dict:
     return json.loads(json.dumps(rec))  # the values as a reader of the file will see them
 
 
+# How the global batch is split over micro batches, accumulation and ranks: free to change
+# while the global batch stays (a resume at another world size keeps it this way).
+BATCH_SPLIT = ("micro_batch_size", "grad_accum")
+
+
 def check_resumable(
     where: str | Path,
     saved_state: Mapping[str, Any],
@@ -89,6 +99,7 @@ def check_resumable(
     *,
     force: bool = False,
     what: str = "train.resume",
+    world_size: int | None = None,
 ) -> list[str]:
     """Refuse a checkpoint that cannot be loaded into this model, or (unless `force`) one
     whose recorded config differs; return the differences (accepted by `force`).
@@ -97,9 +108,11 @@ def check_resumable(
     and the same tokenizer (content and vocab size; a checkpoint from before the tokenizer
     was recorded is judged by its embedding shape alone). Refused even with `force`. A
     config field the checkpoint did not record (added since) is not a difference.
+    `world_size` is this run's: with the checkpoint's (client_state.json's world_size) it
+    decides whether a changed micro_batch_size or grad_accum keeps the global batch.
     """
     saved_run, run = saved_run or {}, run or {}
-    changed = changed_fields(saved_run, run)
+    changed = changed_fields(saved_run, run, world_size)
     problems = _shape_problems(saved_state, model_state) + _tokenizer_problems(saved_run, run)
     if problems:
         cause = changed + _tokenizer_moved(saved_run, run)
@@ -117,9 +130,11 @@ def check_resumable(
     return changed
 
 
-def changed_fields(saved_run: Mapping, run: Mapping) -> list[str]:
+def changed_fields(saved_run: Mapping, run: Mapping, world_size: int | None = None) -> list[str]:
     """'<group>.<field>: checkpoint <old>, now <new>' for each recorded field that differs,
-    leaving out MAY_DIFFER and fields the checkpoint did not record."""
+    leaving out MAY_DIFFER, fields the checkpoint did not record, and a new split of the
+    same global batch (`batch_changes`)."""
+    split = {f"train.{k}" for k in BATCH_SPLIT}
     out = []
     for section in ("model", "training"):
         saved_cfg, now_cfg = saved_run.get(section, {}), run.get(section, {})
@@ -128,9 +143,39 @@ def changed_fields(saved_run: Mapping, run: Mapping) -> list[str]:
             out += [
                 f"{group}.{k}: checkpoint {saved_group[k]!r}, now {v!r}"
                 for k, v in now_cfg[group].items()
-                if k in saved_group and saved_group[k] != v and f"{group}.{k}" not in MAY_DIFFER
+                if k in saved_group
+                and saved_group[k] != v
+                and f"{group}.{k}" not in MAY_DIFFER | split
             ]
-    return out
+    return out + batch_changes(saved_run, run, world_size)
+
+
+def batch_changes(saved_run: Mapping, run: Mapping, world_size: int | None) -> list[str]:
+    """The changed train.micro_batch_size / train.grad_accum, unless the global batch
+    (their product times the world size) is the checkpoint's; then none. A global batch
+    that changes with the world size alone is no config change (the resume line says it)."""
+    saved = saved_run.get("training", {}).get("train", {})
+    now = run.get("training", {}).get("train", {})
+    out = [
+        f"train.{k}: checkpoint {saved[k]!r}, now {now[k]!r}"
+        for k in BATCH_SPLIT
+        if k in saved and k in now and saved[k] != now[k]
+    ]
+    saved_world = saved_run.get("world_size")
+    if not out or world_size is None or saved_world is None:
+        return out
+    if not all(k in saved and k in now for k in BATCH_SPLIT):
+        return out
+
+    def batch(t: Mapping, w: int) -> tuple[int, str]:
+        n = int(t["micro_batch_size"]) * int(t["grad_accum"]) * w
+        return n, f"{n} ({t['micro_batch_size']} x {t['grad_accum']} x {w} ranks)"
+
+    (b0, say0), (b1, say1) = batch(saved, int(saved_world)), batch(now, world_size)
+    if b0 == b1:
+        return []
+    what = "train.global_batch (micro_batch_size x grad_accum x ranks)"
+    return out + [f"{what}: checkpoint {say0}, now {say1}"]
 
 
 def _tokenizer_moved(saved_run: Mapping, run: Mapping) -> list[str]:
