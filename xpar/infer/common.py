@@ -3,6 +3,8 @@ tokenizer its run trained with, rebuilt from the run record (local files only)."
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from xpar.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
@@ -49,6 +51,10 @@ def load_checkpoint(
     """(the whole model on `device` in eval mode, the run record, its tokenizer)."""
     from xpar.train.saved_model import build_model
 
+    if not torch.cuda.is_available():
+        # Reading a rank file imports DeepSpeed, whose accelerator probe would otherwise log
+        # "Setting accelerator to CPU" onto stdout, into the generated text; the same choice.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     model, run = build_model(checkpoint, "checkpoint")
     tok = run_tokenizer(run, tokenizer)
     if tok.vocab_size > model.model_cfg.vocab_size:
