@@ -372,7 +372,9 @@ def sweep_points(cmd: DocCommand) -> list[list[str]]:
         else:
             choices.append([o.input_line])
     points = [list(p) for p in itertools.product(*choices)]
-    return [[_produced(w).replace("${hydra:job.num}", str(n)) for w in p] for n, p in enumerate(points)]
+    return [
+        [_produced(w).replace("${hydra:job.num}", str(n)) for w in p] for n, p in enumerate(points)
+    ]
 
 
 def _produced(override: str) -> str:
