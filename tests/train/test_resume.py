@@ -142,14 +142,21 @@ def test_init_from_with_an_explicit_resume_dir_or_a_non_checkpoint_is_refused(tm
     assert resume.plan_start(_cfg(tmp_path / "new", f"train.resume={src}")).resume == src
 
 
-def test_load_weights_refuses_another_expert_parallel_size():
+def test_init_from_loads_a_checkpoint_of_another_expert_parallel_size():
     from types import SimpleNamespace
 
-    groups = SimpleNamespace(ep_rank=0, ep_size=1)  # the fixture was saved with ep_size=2
-    with pytest.raises(XparConfigError) as e:
-        ckpt.load_weights(None, golden.CKPT_FIXTURE / "step_00000002", groups, run=None)
-    assert "was saved with ep_size=2 but this run has ep_size=1" in str(e.value)
-    assert "parallel.ep_size=2" in str(e.value)
+    from xpar.models import MoETransformer
+    from xpar.train import model_setup, saved_model
+
+    src = golden.CKPT_FIXTURE / "step_00000002"  # saved with ep_size=2
+    run = saved_model.saved_run(src, "test")
+    model = MoETransformer(*saved_model.configs(run), ep_group="local")  # one process, EP=1
+    groups = SimpleNamespace(rank=0, ep_rank=0, ep_size=1)
+    model_setup.init_from(model, src, groups, run)
+    whole = saved_model.full_state(src, "test")
+    assert any(saved_model.is_expert_bank(k) for k in whole)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, whole[key]), key  # every expert, bitwise
 
 
 def test_force_keeps_the_configs_hyperparameters_over_the_loaded_ones():

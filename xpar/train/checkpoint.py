@@ -35,8 +35,8 @@ at the layout that saved (world size, ep_size, ZeRO stage, precision) reads the 
 (bitwise); at another layout it reads the universal state instead (xpar.train.reshard), and
 rank 0 says in one line what was resharded and what of the data and RNG carries over.
 
-`load_weights` is train.init_from: the module weights of a checkpoint, into a model that
-has no engine yet (the engine's optimizer then starts from them).
+train.init_from reads checkpoints through xpar.train.saved_model (whole expert banks, any
+EP size), not through this module.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 import torch.distributed as dist
@@ -448,45 +448,6 @@ DAMAGED_FIX = (
     "the checkpoint is damaged: name an older one (train.resume=<its step_* directory>), or "
     "set train.resume=auto to resume the newest checkpoint that loads on every rank"
 )
-
-
-def load_weights(model: Any, directory: str | Path, groups: Any, run: Mapping | None) -> dict:
-    """train.init_from: copy a checkpoint's module weights into `model`; returns its client state.
-
-    Call before the engine is built, so the optimizer (and ZeRO's fp32 master copy) starts
-    from these weights. A rank file holds the dense weights and one slice of the experts,
-    so this rank reads the file of the rank that held its slice (`groups.ep_rank`): the
-    world size may differ from the checkpoint's, its expert-parallel size may not. Refused
-    when the weights do not fit or the tokenizer differs; other config changes are the point
-    of a new run and are not compared.
-    """
-    from xpar.parallel.deepspeed import XparEngine  # the classes a rank file may hold
-
-    directory, where = Path(directory), f"train.init_from={str(directory)!r}"
-    path = rank_file(directory, groups.ep_rank)
-    if not path.is_file():
-        raise XparConfigError(
-            f"{where}: no checkpoint file {path.name} (the experts of EP rank {groups.ep_rank}); "
-            "name a complete checkpoint written with this run's parallel.ep_size"
-        )
-    try:
-        saved_run = read_client_state(directory)
-        state = _verified_load(path, XparEngine.safe_globals())
-    except DamagedCheckpoint as e:
-        fix = "the checkpoint is damaged: name another one (an older step_* directory)"
-        raise DamagedCheckpoint(f"{where}: {e.what}", fix) from e
-    saved_ep = state["layout"]["ep_size"]
-    if saved_ep != groups.ep_size:
-        raise XparConfigError(
-            f"{where} was saved with ep_size={saved_ep} but this run has ep_size="
-            f"{groups.ep_size}: every rank file holds its own slice of the experts; set "
-            f"parallel.ep_size={saved_ep} (and a world size it divides)"
-        )
-    check_resumable(
-        directory, state["module"], model.state_dict(), saved_run, run, force=True, what=where
-    )
-    model.load_state_dict(state["module"])
-    return saved_run
 
 
 def read_rank_state(engine: XparEngine, directory: str | Path) -> dict:

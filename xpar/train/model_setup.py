@@ -14,6 +14,7 @@ from xpar.models.classifier import SequenceClassifier, describe_load, load_backb
 from xpar.moe import MoELayer
 from xpar.train import checkpoint as ckpt
 from xpar.train import saved_model, teacher
+from xpar.train.resume_guard import check_resumable
 
 
 def moe_layers(model) -> list[MoELayer]:
@@ -21,11 +22,19 @@ def moe_layers(model) -> list[MoELayer]:
 
 
 def init_from(model, directory: Path, groups, record: dict) -> dict:
-    """train.init_from: the whole model from a checkpoint of this layout, or for a
-    classifier the backbone from an LM checkpoint of any EP size (the head starts fresh)."""
-    if not isinstance(model, SequenceClassifier):
-        return ckpt.load_weights(model, directory, groups, run=record)
+    """train.init_from: the whole model, or for a classifier the backbone (the head starts
+    fresh), from a checkpoint of any EP size: its expert banks are joined whole and cut to
+    the slice this rank holds. Call before the engine is built, so the optimizer (and ZeRO's
+    fp32 master copy) starts from these weights."""
     where = "train.init_from"
+    if not isinstance(model, SequenceClassifier):
+        saved = ckpt.read_client_state(directory)
+        state = saved_model.sliced_state(model, saved_model.full_state(directory, where))
+        what = f"{where}={str(directory)!r}"
+        # shapes and tokenizer must fit; other config changes are the point of a new run
+        check_resumable(directory, state, model.state_dict(), saved, record, force=True, what=what)
+        model.load_state_dict(state)
+        return saved
     saved = saved_model.saved_run(directory, where)
     teacher.check_vocabulary(saved, record["tokenizer"], model.model_cfg.vocab_size, where)
     lm_state = saved_model.sliced_state(model.backbone, saved_model.full_state(directory, where))
