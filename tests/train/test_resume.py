@@ -297,7 +297,8 @@ def test_resume_never_refuses_a_used_out_dir_and_overwrite_replaces_the_old_run(
     p = golden.torchrun(out, [*over, "parallel.ep_size=1"], nproc=1)
     assert "train.overwrite=true: deleted the old run in" in p.stdout
     names = sorted(p.name for p in (out / "checkpoints").rglob("*.pt"))
-    assert names == ["rank00000.pt"]  # no stale rank00001.pt beside the new run
+    # one process now: no stale rank00001.pt / universal00001.pt beside the new run
+    assert names == ["rank00000.pt", "universal00000.pt"]
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000003"]
     assert sorted(_rows(out)) == [1, 2, 3]
     assert not list(out.glob(".xpar-overwritten-*"))
