@@ -36,6 +36,7 @@ LINE_KINDS = {
     "checkpoint": r"checkpoint: /\S+",
     "wandb run": r"wandb run: /\S+ \(offline, .*",
     "metrics": r"metrics: /\S+metrics\.jsonl",
+    "expert load": r"expert load: (/\S+expert_load\.png|no picture .*)",
     "warnings again": r"1 warning in this run \(repeated from above\):",
 }
 
