@@ -83,17 +83,21 @@ def _save(model, directory, ep_size=1):
     return write_checkpoint(directory, model.state_dict(), cfgs, ep_size)
 
 
+def _assert_same_logits(model, hf_model) -> None:
+    tokens = _tokens()
+    with torch.no_grad():
+        ours = model(tokens)[0]
+        theirs = hf_model(tokens).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("kv", [2, 4])
 def test_a_mixtral_saved_by_transformers_imports_with_its_logits(tmp_path, kv):
     hf_model, d = _hf_mixtral(tmp_path, num_key_value_heads=kv)
     ckpt = hf_import.import_hf(d, tmp_path / "ckpt", ep_size=2)
     model, run = saved_model.build_model(ckpt, "test")
     assert run["model"]["model"]["n_kv_heads"] == (0 if kv == 4 else kv)
-    tokens = _tokens()
-    with torch.no_grad():
-        ours = model(tokens)[0]
-        theirs = hf_model(tokens).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    _assert_same_logits(model, hf_model)
 
 
 def test_an_xpar_checkpoint_exports_to_a_model_transformers_loads(tmp_path):
@@ -102,11 +106,7 @@ def test_an_xpar_checkpoint_exports_to_a_model_transformers_loads(tmp_path):
     export.export_hf(ckpt, tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(hf_model).__name__ == "MixtralForCausalLM"
-    tokens = _tokens()
-    with torch.no_grad():
-        ours = model(tokens)[0]
-        theirs = hf_model(tokens).logits
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+    _assert_same_logits(model, hf_model)
 
 
 def test_xpar_to_hf_to_xpar_is_bitwise(tmp_path):

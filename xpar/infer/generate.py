@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -165,15 +166,8 @@ class TextStream:
         if text.startswith(self.shown):
             self.write(text[len(self.shown) :])
         else:  # a decode that rewrote earlier text (rare): write only what is new
-            self.write(text[len(_common_prefix(text, self.shown)) :])
+            self.write(text[len(os.path.commonprefix([text, self.shown])) :])
         self.shown = text
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
 
 
 def parser() -> argparse.ArgumentParser:
