@@ -29,6 +29,7 @@ from xpar.errors import XparConfigError
 from xpar.testing import run_distributed
 from xpar.train import checkpoint as ckpt
 from xpar.train import resume
+from xpar.train.init_source import InitSource
 from xpar.train.schedule import make_lr_lambda
 
 # ------------------------------------------------------------------ the plan
@@ -124,7 +125,7 @@ def test_init_from_is_a_fresh_start_unless_out_dir_has_a_checkpoint(tmp_path):
     src = _checkpoint(tmp_path / "src", 6)
     for value in (src, src.parent, tmp_path / "src"):  # step dir, checkpoints/, out_dir
         start = resume.plan_start(_cfg(tmp_path / "new", f"train.init_from={value}"))
-        assert (start.init_from, start.resume, start.step) == (src, None, 0)
+        assert (start.init_from.path, start.resume, start.step) == (src, None, 0)
     own = _checkpoint(tmp_path / "new", 2)
     start = resume.plan_start(_cfg(tmp_path / "new", f"train.init_from={src}"))
     assert (start.resume, start.init_from) == (own, None)
@@ -152,7 +153,8 @@ def test_init_from_loads_a_checkpoint_of_another_expert_parallel_size():
     run = saved_model.saved_run(src, "test")
     model = MoETransformer(*saved_model.configs(run), ep_group="local")  # one process, EP=1
     groups = SimpleNamespace(rank=0, ep_rank=0, ep_size=1)
-    model_setup.init_from(model, src, groups, run)
+    moe_cfg = saved_model.configs(run)[1]
+    model_setup.init_from(model, InitSource(src), groups, run, moe_cfg, seed=0)
     whole = saved_model.full_state(src, "test")
     assert any(saved_model.is_expert_bank(k) for k in whole)
     for key, value in model.state_dict().items():

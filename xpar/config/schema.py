@@ -208,7 +208,8 @@ class TrainConfig:
     resume: auto (the latest checkpoint in out_dir, if any), force (the same, accepting a
     config that differs from the checkpoint's), never, or a checkpoint directory.
     overwrite: let resume=never start over in an out_dir that holds a run.
-    init_from: a checkpoint directory to take the weights from (a new run at step 0).
+    init_from: a checkpoint directory, or hf:<dir> (a local Hugging Face MoE model), to take
+    the weights from (a new run at step 0); moe.upcycle=true upcycles a dense checkpoint.
     noop_ok: exit 0 when resume finds the run already finished (nothing to do).
     max_bad_steps: a step whose loss or gradients are not finite on any rank is skipped on
     every rank; this many in a row (or this many with a loss above max_loss) stop the run.
@@ -281,15 +282,11 @@ class TrainConfig:
                 "no such checkpoint directory; use auto (latest in out_dir, if any), force, "
                 "never, or an existing checkpoint directory",
             )
-        if not isinstance(self.init_from, str) or (
-            self.init_from and not os.path.isdir(os.path.expanduser(self.init_from))
-        ):
-            raise bad(
-                prefix,
-                "init_from",
-                self.init_from,
-                "give an existing checkpoint directory (its weights start a new run), or ''",
-            )
+        from xpar.train.init_source import check_value
+
+        why = check_value(self.init_from)
+        if why is not None:
+            raise bad(prefix, "init_from", self.init_from, why)
 
 
 @dataclass
@@ -378,6 +375,10 @@ class XparConfig:
             )
         check_causal(m, moe)
         self._check_task()
+        if moe.upcycle:
+            from xpar.train.init_source import check_upcycle
+
+            check_upcycle(self.train.init_from, m, moe)
         if m.max_seq_len < d.seq_len:
             raise XparConfigError(
                 f"model.max_seq_len={m.max_seq_len} is smaller than data.seq_len={d.seq_len}: "

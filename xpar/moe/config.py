@@ -52,6 +52,10 @@ class MoEConfig:
     # those experts there and summed there (weights travel along), instead of once per
     # (token, expert); saves traffic when a token picks several experts of one rank.
     dedup_dispatch: bool = False
+    # Sparse upcycling: with train.init_from=<dense checkpoint>, every expert starts as a
+    # copy of the dense FFN (plus upcycle_noise x its std of Gaussian noise), routers fresh.
+    upcycle: bool = False
+    upcycle_noise: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,6 +78,7 @@ class MoEConfig:
         need_choice(prefix, self, "balance_scope", BALANCE_SCOPES)
         need_choice(prefix, self, "activation", ACTIVATIONS)
         need_bool(prefix, self, "dedup_dispatch")
+        need_bool(prefix, self, "upcycle")
         for name in ("capacity_factor", "eval_capacity_factor"):
             cf = getattr(self, name)
             if cf is not None and (not is_number(cf) or not cf > 0 or math.isinf(cf)):
@@ -81,7 +86,7 @@ class MoEConfig:
         get_router(self.router).check(self, prefix)
         need_int(prefix, self, "every", 0, "use 0 (dense model) or n >= 1 (MoE every n-th block)")
         need_int(prefix, self, "shared_expert_d_ff", 0, "use 0 (none) or a width >= 1")
-        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps"):
+        for name in ("aux_loss_weight", "z_loss_weight", "jitter_eps", "upcycle_noise"):
             v = getattr(self, name)
             if not is_number(v) or v < 0:
                 raise bad(prefix, name, v, "use a number >= 0")

@@ -5,15 +5,13 @@ routers' tables fitted to the corpus. The MoE layers are found once and passed a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from xpar.models.classifier import SequenceClassifier, describe_load, load_backbone_state
 from xpar.moe import MoELayer
-from xpar.train import checkpoint as ckpt
-from xpar.train import saved_model, teacher
+from xpar.train import init_source, saved_model, teacher, upcycle
+from xpar.train.init_source import InitSource
 from xpar.train.resume_guard import check_resumable
 
 
@@ -21,27 +19,47 @@ def moe_layers(model) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def init_from(model, directory: Path, groups, record: dict) -> dict:
+def init_from(model, source: InitSource, groups, record: dict, moe_cfg, seed: int) -> dict:
     """train.init_from: the whole model, or for a classifier the backbone (the head starts
-    fresh), from a checkpoint of any EP size: its expert banks are joined whole and cut to
-    the slice this rank holds. Call before the engine is built, so the optimizer (and ZeRO's
-    fp32 master copy) starts from these weights."""
+    fresh), from a checkpoint of any EP size or a Hugging Face model: its expert banks are
+    joined whole and cut to the slice this rank holds; with moe.upcycle the dense FFNs
+    become the experts. Call before the engine is built, so the optimizer (and ZeRO's fp32
+    master copy) starts from these weights."""
     where = "train.init_from"
-    if not isinstance(model, SequenceClassifier):
-        saved = ckpt.read_client_state(directory)
-        state = saved_model.sliced_state(model, saved_model.full_state(directory, where))
-        what = f"{where}={str(directory)!r}"
+    lm = model.backbone if isinstance(model, SequenceClassifier) else model
+    state, saved = init_source.read(source)
+    if moe_cfg.upcycle:
+        state = _upcycled(lm, state, moe_cfg, seed, source, groups.rank)
+    state = saved_model.sliced_state(lm, state)
+    if lm is model:
+        what = f"{where}={str(source)!r}"
         # shapes and tokenizer must fit; other config changes are the point of a new run
-        check_resumable(directory, state, model.state_dict(), saved, record, force=True, what=what)
+        check_resumable(
+            source.path, state, model.state_dict(), saved, record, force=True, what=what
+        )
         model.load_state_dict(state)
         return saved
-    saved = saved_model.saved_run(directory, where)
     teacher.check_vocabulary(saved, record["tokenizer"], model.model_cfg.vocab_size, where)
-    lm_state = saved_model.sliced_state(model.backbone, saved_model.full_state(directory, where))
-    missing, unexpected = load_backbone_state(model, lm_state, where=where)
+    missing, unexpected = load_backbone_state(model, state, where=where)
     if groups.rank == 0:
-        print(describe_load(len(lm_state) - len(unexpected), missing, unexpected), flush=True)
+        print(describe_load(len(state) - len(unexpected), missing, unexpected), flush=True)
     return saved
+
+
+def _upcycled(lm, dense: dict, moe_cfg, seed: int, source, rank: int) -> dict:
+    layers = [i for i, b in enumerate(lm.blocks) if b.is_moe]
+    state, fresh = upcycle.upcycled_state(
+        dense, lm.state_dict(), layers, moe_cfg.num_experts, moe_cfg.upcycle_noise, seed
+    )
+    if rank == 0:
+        noise = f" plus {moe_cfg.upcycle_noise:g} x std noise" if moe_cfg.upcycle_noise else ""
+        print(
+            f"upcycled {source}: {len(layers)} MoE layer(s) of {moe_cfg.num_experts} experts, "
+            f"each expert a copy of its block's dense FFN{noise}; {len(fresh)} tensor(s) "
+            "start fresh (the routers)",
+            flush=True,
+        )
+    return state
 
 
 def teacher_for(cfg, groups, record: dict):

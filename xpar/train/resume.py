@@ -8,6 +8,7 @@ from nothing; and whether the out_dir's old run must first make way.
     train.resume=never       none
     train.init_from=<dir>    a new run (step 0, new optimizer, schedule, data order and W&B
                              run) from that checkpoint's weights, when there is none to resume
+                             (hf:<dir>: a Hugging Face model's; xpar.train.init_source)
 
 Rules:
 - A damaged checkpoint (a file missing, truncated, changed since it was written, or
@@ -49,6 +50,7 @@ from xpar.config.schema import XparConfig
 from xpar.config.store import XparConfigWarning, current_rank
 from xpar.errors import XparConfigError
 from xpar.train import checkpoint as ckpt
+from xpar.train import init_source
 from xpar.train.schedule import resume_note
 from xpar.train.sinks.jsonl import METRICS_FILE
 from xpar.train.sinks.load_map import LOAD_FILE, LOAD_PNG
@@ -75,7 +77,7 @@ class Start:
     """The plan: at most one of resume / init_from; finished says there is nothing to do."""
 
     resume: Path | None = None  # the checkpoint to continue
-    init_from: Path | None = None  # the checkpoint whose weights start a new run
+    init_from: init_source.InitSource | None = None  # whose weights start a new run
     step: int = 0  # the resumed checkpoint's step
     schedule_steps: int = 0  # the LR schedule's length
     clear: tuple[Path, ...] = ()  # the old run's files, removed first (train.overwrite=true)
@@ -205,7 +207,7 @@ def _resume_plan(cfg: XparConfig, found: Path) -> Start:
 def _fresh_plan(cfg: XparConfig) -> Start:
     tc = cfg.train
     out = Path(tc.out_dir).resolve()
-    init = as_checkpoint(tc.init_from, "train.init_from") if tc.init_from else None
+    init = init_source.resolve(tc.init_from) if tc.init_from else None
     held = old_run_files(out)
     if held and not tc.overwrite:
         if tc.resume == "never":

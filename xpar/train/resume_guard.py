@@ -59,6 +59,8 @@ MAY_DIFFER = frozenset(
         "parallel.zero_stage",
         "data.cache_dir",  # where the token cache lives, not what it holds
         "data.tokenizer",  # its path; its content is compared (the fingerprint)
+        "moe.upcycle",  # how a new run started, like train.init_from
+        "moe.upcycle_noise",
     }
 )
 

@@ -43,7 +43,7 @@ from xpar.parallel import watchdog
 from xpar.parallel.ds_config import build_ds_config, resolve_precision
 from xpar.parallel.groups import ParallelGroups, init_parallel
 from xpar.train import checkpoint as ckpt
-from xpar.train import health, lock, phases, resume, resume_guard
+from xpar.train import health, init_source, lock, phases, resume, resume_guard
 from xpar.train import model_setup as setup
 from xpar.train.evaluation import validate
 from xpar.train.faults import FaultHooks
@@ -194,10 +194,10 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
     setup.fit_routers_to_data(layers, data, vocab, groups.rank)  # resume/init_from overwrite
     record = resume_guard.run_record(cfg, model_cfg, data.tokenizer)
     if start.init_from is not None:  # weights only, before the engine copies them
-        source = setup.init_from(model, start.init_from, groups, record)
+        source = setup.init_from(model, start.init_from, groups, record, cfg.moe, tc.seed)
         if groups.rank == 0:
             print(
-                f"initialised from {start.init_from} (its step {source['step']}): "
+                f"initialised from {start.init_from} ({init_source.describe(source)}): "
                 "a new run at step 0 with a new optimizer, LR schedule and data order",
                 flush=True,
             )
