@@ -220,3 +220,99 @@ def test_help_through_the_xpar_entry_point(command, flag, capsys):
         xpar_main([command, "--help"])
     assert e.value.code == 0
     assert flag in capsys.readouterr().out
+
+
+# --------------------------------------------- checkpoints written without a training run
+
+
+def _byte_checkpoint(directory, causal=True, classifier=False):
+    """A random model with the byte tokenizer, written as the trainer writes checkpoints."""
+    import dataclasses
+
+    from xpar.interop.checkpoint_io import write_checkpoint
+    from xpar.models.classifier import SequenceClassifier
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=264,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=48,
+        init_std=0.3,
+        causal=causal,
+    )
+    moe_cfg = MoEConfig(num_experts=4, top_k=2, d_ff=32, capacity_factor=1.0)
+    model = MoETransformer(cfg, moe_cfg, ep_group="local")
+    if classifier:
+        model = SequenceClassifier(model, num_classes=3, pad_id=257)
+    record = {
+        "model": {"model": dataclasses.asdict(cfg), "moe": dataclasses.asdict(moe_cfg)},
+        "tokenizer": {"spec": "byte", "fingerprint": "byte-v1", "vocab_size": 257},
+    }
+    return str(write_checkpoint(directory, model.state_dict(), record, ep_size=2))
+
+
+def _run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        xpar_main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.mark.parametrize(
+    "causal, classifier, says",
+    [
+        (False, False, "model.causal=False: this checkpoint is a bidirectional encoder"),
+        (True, True, "is a sequence classifier's (task.kind=classify)"),
+    ],
+)
+def test_cli_refuses_an_encoder_and_a_classifier_in_one_line(
+    tmp_path, capsys, causal, classifier, says
+):
+    ckpt = _byte_checkpoint(tmp_path / "ckpt", causal, classifier)
+    code, out, err = _run(["generate", ckpt, "--prompt", "x"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("xpar generate: ") and err.count("\n") == 1 and says in err
+    if classifier:  # eval loads checkpoints the same way
+        (tmp_path / "t.txt").write_text("some text\n")
+        code, _, err = _run(["eval", ckpt, "--data", str(tmp_path / "t.txt")], capsys)
+        assert code == 2 and says in err and "Traceback" not in err
+
+
+def test_cli_runs_several_prompts_one_at_a_time_each_as_if_alone(tmp_path, capsys):
+    ckpt = _byte_checkpoint(tmp_path / "ckpt")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("x = \n\n   \nfor i in\n")  # blank lines are no prompts
+    whole = tmp_path / "whole.txt"
+    whole.write_text("two\nlines")
+    knobs = ["--max-new-tokens", "12", "--temperature", "1.0", "--seed", "3", "--ignore-eod"]
+    argv = ["generate", ckpt, "--prompt", "def ", "--prompt-lines", str(lines)]
+    code, out, err = _run([*argv, "--prompt-file", str(whole), *knobs], capsys)
+    assert code == 0
+    alone = ""
+    for prompt in ("def ", "x = ", "for i in"):
+        c, o, e = _run(["generate", ckpt, "--prompt", prompt, *knobs], capsys)
+        assert c == 0 and e.startswith("generated 12 tokens")
+        alone += o
+    c, o, _ = _run(["generate", ckpt, "--prompt-file", str(whole), *knobs], capsys)
+    alone += o
+    assert out == alone
+    assert [ln.split(":")[0] for ln in err.splitlines()] == [f"prompt {n}/4" for n in (1, 2, 3, 4)]
+
+
+def test_cli_refuses_a_long_later_prompt_before_writing_and_a_blank_prompt_file(tmp_path, capsys):
+    ckpt = _byte_checkpoint(tmp_path / "ckpt")
+    argv = ["generate", ckpt, "--prompt", "ok", "--prompt", "y" * 40, "--max-new-tokens", "8"]
+    code, out, err = _run(argv, capsys)
+    assert code == 2 and out == ""
+    assert "--max-new-tokens=8 with prompt 2 of 2 of 41 tokens exceeds model.max_seq_len=48" in err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    code, _, err = _run(["generate", ckpt, "--prompt-lines", str(tmp_path / "blank.txt")], capsys)
+    assert code == 2 and "holds no prompt" in err
+
+
+def test_help_says_prompts_run_one_at_a_time(capsys):
+    code, out, _ = _run(["generate", "--help"], capsys)
+    assert code == 0
+    assert "--prompt-lines" in out and "one at a time" in " ".join(out.split())

@@ -232,3 +232,194 @@ def test_the_console_script_exports_and_imports(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert e.value.code == 2
+
+
+# ------------------------------------------------------------------ Qwen2-MoE
+
+
+def _hf_qwen2_moe(tmp_path, **kw):
+    """A Qwen2-MoE xpar can express: no shared expert (size 0) and no q/k/v biases. A wide
+    init, so the logits and the routing are far from flat."""
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=0,
+        qkv_bias=False,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+        num_key_value_heads=kw.pop("num_key_value_heads", 2),
+        **kw,
+    )
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="zero-element"):  # the empty shared expert
+        model = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    d = tmp_path / "q2"
+    model.save_pretrained(d)
+    return model, d
+
+
+@pytest.mark.parametrize(
+    "kv, sparse_step, norm_topk",
+    [(2, 1, False), (4, 2, True)],  # 2: block 0 is a dense MLP, block 1 MoE
+)
+def test_a_qwen2_moe_saved_by_transformers_imports_with_its_logits(
+    tmp_path, kv, sparse_step, norm_topk
+):
+    hf_model, d = _hf_qwen2_moe(
+        tmp_path,
+        num_key_value_heads=kv,
+        decoder_sparse_step=sparse_step,
+        norm_topk_prob=norm_topk,
+    )
+    ckpt = hf_import.import_hf(d, tmp_path / "ckpt", ep_size=2)
+    model, run = saved_model.build_model(ckpt, "test")
+    moe = run["model"]["moe"]
+    assert (moe["every"], moe["renormalize"], moe["d_ff"]) == (sparse_step, norm_topk, 16)
+    assert run["model"]["model"]["d_ff"] == 48  # the dense blocks' MLP
+    tokens = _tokens()
+    with torch.no_grad():
+        theirs = hf_model(tokens).logits
+    assert theirs.abs().max() > 1.0  # not a flat distribution that any mapping would match
+    _assert_same_logits(model, hf_model)
+
+
+def test_a_qwen2_moe_config_without_qkv_bias_means_biases(tmp_path):
+    """transformers 4.x writes no qkv_bias field and its Qwen2-MoE always has the biases."""
+    _, d = _hf_qwen2_moe(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["qkv_bias"]
+    with pytest.raises(XparConfigError, match="qwen2_moe model cannot be imported.*qkv_bias=True"):
+        hf_import.configs_from_hf(cfg, "xpar import")
+
+
+def test_weights_the_mapping_does_not_read_are_refused_by_name(tmp_path):
+    """A bias in the weights that config.json does not announce would be dropped silently."""
+    from safetensors.torch import load_file, save_file
+
+    _, d = _hf_qwen2_moe(tmp_path)
+    weights = load_file(str(d / "model.safetensors"))
+    weights["model.layers.1.self_attn.q_proj.bias"] = torch.ones(32)
+    save_file(weights, str(d / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(XparConfigError, match=r"weights hold model\.layers\.1\.self_attn\.q_proj"):
+        hf_import.load_hf(d, "train.init_from")
+
+
+# ------------------------------------------------------------------ export refusals
+
+
+def test_attention_and_router_options_mixtral_lacks_are_refused_by_name():
+    m = ModelConfig(vocab_size=8, d_model=16, n_heads=2, n_layers=2)
+    moe = dict(activation="swiglu", capacity_factor=None)
+    m.attention = "linear"  # a variant other than dense (set past validation: none exists yet)
+    with pytest.raises(XparConfigError, match="model.attention='linear'"):
+        export.check_exportable(m, MoEConfig(**moe))
+    m = ModelConfig(vocab_size=8, d_model=16, n_heads=2, n_layers=2)
+    for opts, says in [
+        ({"n_groups": 2, "topk_groups": 1}, "n_groups=2"),
+        ({"route_scale": 2.5}, "route_scale=2.5"),
+        ({"bias_update_rate": 1e-3}, "bias_update_rate=0.001"),
+    ]:
+        with pytest.raises(XparConfigError, match=f"cannot be exported.*router_options.{says}"):
+            export.check_exportable(m, MoEConfig(**moe, router_options=opts))
+    enc = ModelConfig(vocab_size=8, d_model=16, n_heads=2, n_layers=2, causal=False)
+    with pytest.raises(XparConfigError, match="moe.router='expert_choice'"):
+        export.check_exportable(
+            enc, MoEConfig(activation="swiglu", capacity_factor=1.0, router="expert_choice")
+        )
+
+
+def test_a_classifier_checkpoint_is_refused_by_export(tmp_path):
+    from xpar.models.classifier import SequenceClassifier
+
+    lm = _xpar_model()
+    clf = SequenceClassifier(lm, num_classes=3, pad_id=VOCAB - 1)
+    cfgs = {
+        "model": {
+            "model": json.loads(json.dumps(lm.model_cfg.__dict__)),
+            "moe": json.loads(json.dumps(lm.moe_cfg.__dict__)),
+        },
+    }
+    ckpt = write_checkpoint(tmp_path / "ckpt", clf.state_dict(), cfgs)
+    with pytest.raises(XparConfigError, match=r"sequence classifier's \(task.kind=classify\)"):
+        export.export_hf(ckpt, tmp_path / "hf")
+
+
+# ------------------------------------------------------------------ the tokenizer
+
+
+def _local_bpe(directory, special_tokens):
+    """A byte-level BPE tokenizer.json trained here (as tests/data's tokenizer tests do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        show_progress=False,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = ["def main(argv):\n    return argv[0] + 1\n", "import os\nprint(os.getcwd())\n"]
+    tok.train_from_iterator(texts * 20, trainer=trainer)
+    directory.mkdir(parents=True)
+    tok.save(str(directory / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("has_eod", [True, False])
+def test_export_copies_the_tokenizer_and_transformers_encodes_the_same_ids(tmp_path, has_eod):
+    import warnings
+
+    from xpar.data.tokenizer import build_tokenizer
+
+    _local_bpe(tmp_path / "tok", ["<pad>", "<|endoftext|>"] if has_eod else ["<pad>"])
+    with warnings.catch_warnings():  # without one, xpar adds <|endoftext|> (and says so)
+        warnings.simplefilter("ignore")
+        ours = build_tokenizer(str(tmp_path / "tok"))
+    model = _xpar_model()
+    model_cfg = dict(model.model_cfg.__dict__, vocab_size=320)
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig(**model_cfg), model.moe_cfg, ep_group="local")
+    record = {
+        "model": {"model": model_cfg, "moe": json.loads(json.dumps(model.moe_cfg.__dict__))},
+        "tokenizer": {
+            "spec": str(tmp_path / "tok"),
+            "fingerprint": ours.fingerprint,
+            "vocab_size": ours.vocab_size,
+        },
+    }
+    ckpt = write_checkpoint(tmp_path / "ckpt", model.state_dict(), record, ep_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export.export_hf(ckpt, tmp_path / "hf")
+        back = hf_import.load_hf(tmp_path / "hf")[1]["tokenizer"]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "def main(argv):\n    print(os.getcwd())  # héllo, 世界\n"
+    ids = ours.encode(text).tolist()
+    assert len(ids) < len(text.encode())  # merges happened
+    assert theirs.encode(text, add_special_tokens=False) == ids
+    assert theirs(text)["input_ids"] == ids  # its defaults add no special tokens either
+    assert theirs.decode(ids) == text
+    # its end of text is xpar's end of document, the id the exported config stops at
+    eos = json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
+    assert theirs.eos_token == ours.eod_token and theirs.eos_token_id == ours.eod_id == eos
+    # importing the export keeps the tokenizer's identity (init_from compares it)
+    assert back["fingerprint"] == ours.fingerprint and back["vocab_size"] == ours.vocab_size
+
+
+def test_key_value_heads_that_do_not_divide_the_heads_are_refused_by_their_hf_name(tmp_path):
+    _, d = _hf_qwen2_moe(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    with pytest.raises(XparConfigError, match="num_key_value_heads=3 .*num_attention_heads=4"):
+        hf_import.configs_from_hf({**cfg, "num_key_value_heads": 3}, "xpar import")

@@ -39,6 +39,19 @@ def run_tokenizer(run: dict, override: str | None = None) -> ByteTokenizer | HFT
     return tok
 
 
+def check_language_model(state: dict[str, torch.Tensor], checkpoint: str) -> None:
+    """Refuse a sequence classifier's weights (task.kind=classify): its backbone has no
+    language model head, so it gives class logits, never next-token ones."""
+    from xpar.models.classifier import HEAD_KEYS, PREFIX
+
+    if any(k.startswith(PREFIX) for k in state) or any(k in state for k in HEAD_KEYS):
+        raise XparConfigError(
+            f"checkpoint={checkpoint!r} is a sequence classifier's (task.kind=classify): it "
+            "has a class head and no language model head, so it cannot generate or score "
+            "text; use a language model's checkpoint (task.kind=lm)"
+        )
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise XparConfigError("--device=cuda is invalid: no CUDA device here; use --device cpu")
@@ -48,14 +61,22 @@ def pick_device(name: str) -> torch.device:
 def load_checkpoint(
     checkpoint: str, device: torch.device, tokenizer: str | None = None
 ) -> tuple[MoETransformer, dict, ByteTokenizer | HFTokenizer]:
-    """(the whole model on `device` in eval mode, the run record, its tokenizer)."""
-    from xpar.train.saved_model import build_model
+    """(the whole model on `device` in eval mode, the run record, its tokenizer); a
+    classifier's checkpoint is refused."""
+    from xpar.train import saved_model
 
     if not torch.cuda.is_available():
         # Reading a rank file imports DeepSpeed, whose accelerator probe would otherwise log
         # "Setting accelerator to CPU" onto stdout, into the generated text; the same choice.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    model, run = build_model(checkpoint, "checkpoint")
+    where = "checkpoint"
+    run = saved_model.saved_run(checkpoint, where)
+    # One read of the weights, checked to be a language model's before the model is built.
+    state = saved_model.full_state(checkpoint, where)
+    check_language_model(state, checkpoint)
+    model = MoETransformer(*saved_model.configs(run), ep_group="local")
+    model.load_state_dict(state)
+    model.eval()
     tok = run_tokenizer(run, tokenizer)
     if tok.vocab_size > model.model_cfg.vocab_size:
         raise XparConfigError(

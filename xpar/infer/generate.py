@@ -8,6 +8,10 @@ tested against). Decoded text streams to stdout as tokens arrive; stderr gets on
 of tokens, seconds and tokens/s at the end. Generation stops at max-new-tokens or at the
 end-of-document id (unless --ignore-eod).
 
+Several prompts (--prompt and --prompt-file repeated, --prompt-lines FILE with one prompt a
+line) run one at a time, in the order given, each from a fresh generator seeded by --seed:
+a prompt's continuation is the one it gets alone. Nothing is batched.
+
 MoE layers run dropless here (no capacity): with a capacity, which tokens an expert drops
 depends on how many tokens share the forward, so the prompt's prefill, a one-token decode
 step and a full recomputation would route differently.
@@ -51,6 +55,15 @@ def check_decoder(model: MoETransformer) -> None:
             "model.causal=False: this checkpoint is a bidirectional encoder (trained as a "
             "masked LM), which cannot generate text left to right; use a causal decoder's "
             "checkpoint (model.causal=true), or score text with xpar eval"
+        )
+
+
+def check_room(n_prompt: int, max_new_tokens: int, max_seq_len: int, which: str = "") -> None:
+    if n_prompt + max_new_tokens > max_seq_len:
+        raise XparConfigError(
+            f"--max-new-tokens={max_new_tokens} with {which or 'a prompt'} of {n_prompt} tokens "
+            f"exceeds model.max_seq_len={max_seq_len}; ask for at most "
+            f"{max(max_seq_len - n_prompt, 0)} new tokens or shorten the prompt"
         )
 
 
@@ -104,12 +117,7 @@ def generate(  # noqa: PLR0913 -- the decoding knobs, keyword-only and named
     if not prompt:
         raise ValueError("generate needs at least one prompt id (e.g. the end-of-document id)")
     cfg = model.model_cfg
-    if len(prompt) + max_new_tokens > cfg.max_seq_len:
-        raise XparConfigError(
-            f"--max-new-tokens={max_new_tokens} with a prompt of {len(prompt)} tokens exceeds "
-            f"model.max_seq_len={cfg.max_seq_len}; ask for at most "
-            f"{max(cfg.max_seq_len - len(prompt), 0)} new tokens or shorten the prompt"
-        )
+    check_room(len(prompt), max_new_tokens, cfg.max_seq_len)
     device = model.tok_emb.weight.device
     limit = vocab_size or cfg.vocab_size
     out: list[int] = []
@@ -170,16 +178,52 @@ class TextStream:
         self.shown = text
 
 
+class _AddPrompt(argparse.Action):
+    """--prompt, --prompt-file and --prompt-lines into one list of (flag, value), in the
+    order given on the command line."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), (option_string, values)])
+
+
+def read_prompts(sources: list[tuple[str, str]]) -> list[str]:
+    """The prompt texts of the command line's sources; no source: one empty prompt (the
+    continuation of a document start)."""
+    prompts: list[str] = []
+    for flag, value in sources:
+        if flag == "--prompt":
+            prompts.append(value)
+            continue
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+        if flag == "--prompt-file":
+            prompts.append(text)
+            continue
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise XparConfigError(
+                f"--prompt-lines={value!r} holds no prompt (every line is blank); put one "
+                "prompt on each line"
+            )
+        prompts += lines
+    return prompts or [""]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xpar generate",
         description="Sample a continuation of a prompt from a causal decoder's checkpoint "
-        "(any expert-parallel layout; one process).",
+        "(any expert-parallel layout; one process). Several prompts run one at a time, in "
+        "the order given (not batched), each seeded by --seed as if it ran alone; each "
+        "prompt's text and continuation go to stdout followed by a newline.",
     )
     p.add_argument("checkpoint", help="a step_* directory, a checkpoints/ dir or a run's out_dir")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None, help="the prompt text")
-    src.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    kw = dict(dest="prompts", action=_AddPrompt, default=[])
+    p.add_argument("--prompt", **kw, help="a prompt's text (repeat for several)")
+    p.add_argument("--prompt-file", **kw, help="a file whose whole text is one prompt (repeatable)")
+    p.add_argument(
+        "--prompt-lines", **kw, help="a file with one prompt a line (blank lines skipped)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
@@ -213,47 +257,53 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         _check_args(args)
-        if args.prompt_file is not None:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompt = f.read()
-        else:
-            prompt = args.prompt or ""
+        prompts = read_prompts(args.prompts)
         model, _, tok = load_checkpoint(args.checkpoint, pick_device(args.device), args.tokenizer)
         check_decoder(model)
-        ids = [tok.eod_id, *(int(i) for i in tok.encode(prompt))]
-        generator = torch.Generator().manual_seed(args.seed)
-        out = sys.stdout
-        out.write(prompt)
-        out.flush()
-        stream = TextStream(tok, lambda s: (out.write(s), out.flush()))
-        t0 = time.perf_counter()
-        new = generate(
-            model,
-            ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=generator,
-            use_cache=not args.no_cache,
-            vocab_size=tok.vocab_size,
-            stop_ids=() if args.ignore_eod else (tok.eod_id,),
-            on_token=stream.add,
-        )
-        seconds = time.perf_counter() - t0
+        all_ids = [[tok.eod_id, *(int(i) for i in tok.encode(p))] for p in prompts]
+        for n, ids in enumerate(all_ids, 1):  # refuse before any text is written
+            which = f"prompt {n} of {len(all_ids)}" if len(all_ids) > 1 else ""
+            check_room(len(ids), args.max_new_tokens, model.model_cfg.max_seq_len, which)
+        for n, (prompt, ids) in enumerate(zip(prompts, all_ids, strict=True), 1):
+            label = f"prompt {n}/{len(prompts)}: " if len(prompts) > 1 else ""
+            _generate_one(model, tok, prompt, ids, args, label)
     except (XparConfigError, OSError) as e:
         print(f"xpar generate: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _generate_one(model, tok, prompt: str, ids: list[int], args, label: str) -> None:
+    """Stream one prompt's continuation to stdout; its speed line to stderr."""
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    stream = TextStream(tok, lambda s: (out.write(s), out.flush()))
+    t0 = time.perf_counter()
+    new = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+        use_cache=not args.no_cache,
+        vocab_size=tok.vocab_size,
+        stop_ids=() if args.ignore_eod else (tok.eod_id,),
+        on_token=stream.add,
+    )
+    seconds = time.perf_counter() - t0
     stream.close()
     out.write("\n")
     out.flush()
     cache = "no cache" if args.no_cache else "KV cache"
     print(
-        f"generated {len(new)} tokens in {seconds:.3f}s, {len(new) / max(seconds, 1e-9):.1f} "
-        f"tokens/s (prompt {len(ids)} tokens, {cache}, {args.device})",
+        f"{label}generated {len(new)} tokens in {seconds:.3f}s, "
+        f"{len(new) / max(seconds, 1e-9):.1f} tokens/s (prompt {len(ids)} tokens, {cache}, "
+        f"{args.device})",
         file=sys.stderr,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`xpar export CHECKPOINT --format hf --out DIR`: a checkpoint (any EP layout) as a
 Hugging Face Mixtral model directory that transformers loads (MixtralForCausalLM):
 config.json, model.safetensors, generation_config.json, and the tokenizer files when the
-run used a local Hugging Face tokenizer.
+run used a local Hugging Face tokenizer (tokenizer_config.json then names xpar's
+end-of-document token as eos_token, so AutoTokenizer's eos id is config.json's).
 
 The mapping (xpar -> Mixtral, per block i; HF Linear weights are [out, in]):
   tok_emb.weight                      model.embed_tokens.weight
@@ -198,9 +199,16 @@ def export_hf(checkpoint: str | Path, out: str | Path, where: str = "checkpoint"
     notes = check_exportable(model_cfg, moe_cfg)
     state = saved_model.full_state(checkpoint, where)
     if "lm_head.weight" not in state:
+        from xpar.models.classifier import PREFIX
+
+        what = (
+            "is a sequence classifier's (task.kind=classify): a class head, no language model head"
+            if any(k.startswith(PREFIX) for k in state)
+            else "holds no language model head"
+        )
         raise XparConfigError(
-            f"{where}={str(checkpoint)!r} holds no language model head (a classifier's "
-            "checkpoint?); export a language model's checkpoint"
+            f"{where}={str(checkpoint)!r} {what}; MixtralForCausalLM needs one, so export a "
+            "language model's checkpoint (task.kind=lm)"
         )
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -237,7 +245,22 @@ def _copy_tokenizer(spec: str | None, out: Path) -> int | None:
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
             shutil.copyfile(src_dir / name, out / name)
-    return int(build_tokenizer(str(src_dir)).eod_id)
+    tok = build_tokenizer(str(src_dir))
+    _name_eos(out / "tokenizer_config.json", tok.eod_token)
+    return int(tok.eod_id)
+
+
+def _name_eos(path: Path, eod_token: str) -> None:
+    """Name xpar's end-of-document token as the eos token in tokenizer_config.json, so the
+    tokenizer transformers loads ends text where the model learnt to (config.json's
+    eos_token_id). A token xpar added (the source had none) is added by transformers too,
+    at the same id: the first past the vocabulary."""
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    eos = cfg.get("eos_token")
+    if (eos.get("content") if isinstance(eos, dict) else eos) == eod_token:
+        return
+    cfg["eos_token"] = eod_token
+    path.write_text(json.dumps(cfg, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

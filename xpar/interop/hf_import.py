@@ -11,7 +11,9 @@ module layout). Whatever xpar cannot compute the same way is refused, every such
 config.json named with its value: rope scaling, a sliding window, attention or MLP biases,
 a head_dim other than hidden_size / num_attention_heads, activations other than silu, a
 shared expert (Qwen2-MoE), per-head query/key norms (Qwen3-MoE), dense layers at places
-xpar's moe.every cannot put them.
+xpar's moe.every cannot put them. Qwen2-MoE has q/k/v biases unless config.json says
+qkv_bias=false (a transformers 4.x config has no such field: its model has them). A weight
+the mapping leaves unread (a bias no field announces) is refused by name too.
 """
 
 from __future__ import annotations
@@ -73,11 +75,19 @@ def configs_from_hf(hf: dict, where: str) -> tuple[ModelConfig, MoEConfig]:  # n
             f"head_dim={hf.get('head_dim')} (xpar's head dim is hidden_size / "
             f"num_attention_heads = {D}/{H})"
         )
+    if H % N:
+        problems.append(
+            f"num_key_value_heads={N} (it must divide num_attention_heads={H}: each key/value "
+            "head serves a group of query heads)"
+        )
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={hf['hidden_act']!r} (xpar's gated FFN is swiglu: silu)")
+    # Qwen2-MoE has query/key/value biases unless qkv_bias=false says otherwise (the field
+    # is transformers 5's; a 4.x config.json has none, and its model always has them).
     for name in ("attention_bias", "mlp_bias", "qkv_bias"):
-        if hf.get(name, False):
-            problems.append(f"{name}={hf[name]!r} (xpar's projections have no biases)")
+        value = hf.get(name, name == "qkv_bias" and arch == "qwen2_moe")
+        if value:
+            problems.append(f"{name}={value!r} (xpar's projections have no biases)")
     if arch == "mixtral":
         if hf.get("sliding_window") is not None:
             problems.append(f"sliding_window={hf['sliding_window']} (xpar attends densely)")
@@ -181,12 +191,35 @@ def _experts(hf: dict[str, torch.Tensor], moe: str, names: tuple[str, str, str],
     return bank(gate), bank(down), bank(up)
 
 
+class _Reads(dict):
+    """A state dict that remembers which keys were read."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__(state)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default=None):
+        if key in self:
+            return self[key]
+        return default
+
+
 def state_from_hf(
-    hf: dict[str, torch.Tensor], arch: str, model_cfg: ModelConfig, moe_cfg: MoEConfig
+    hf: dict[str, torch.Tensor],
+    arch: str,
+    model_cfg: ModelConfig,
+    moe_cfg: MoEConfig,
+    where: str = "xpar import",
 ) -> dict[str, torch.Tensor]:
-    """HF weights as xpar's whole-bank state dict (fp32)."""
+    """HF weights as xpar's whole-bank state dict (fp32); a weight it leaves unread is
+    refused by name."""
     from xpar.models.config import moe_block_ids
 
+    hf = _Reads(hf)
     moe_ids = set(moe_block_ids(model_cfg, moe_cfg))
     out = {"tok_emb.weight": hf["model.embed_tokens.weight"]}
     for i in range(model_cfg.n_layers):
@@ -215,14 +248,36 @@ def state_from_hf(
             out[x + "ffn.w2.weight"] = hf[h + "mlp.down_proj.weight"]
     out["norm.weight"] = hf["model.norm.weight"]
     out["lm_head.weight"] = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
+    _refuse_unused(hf, hf.read, where)
     return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
+
+
+def _refuse_unused(hf: dict[str, torch.Tensor], used: set[str], where: str) -> None:
+    """A weight the mapping did not read is a computation xpar would leave out (a bias, a
+    norm): refused by name. Exempt: empty tensors (a shared expert of size 0), the gate of
+    such a shared expert (it scales zeros) and rotary frequency buffers (recomputed)."""
+    left = sorted(
+        k
+        for k, t in hf.items()
+        if k not in used
+        and t.numel() > 0
+        and not k.endswith(("shared_expert_gate.weight", "rotary_emb.inv_freq"))
+    )
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise XparConfigError(
+            f"{where}: the model's weights hold {', '.join(left[:3])}{more}, which xpar's "
+            "model has no place for (no config.json field says so): dropping them would "
+            "compute another model; import a model without them"
+        )
 
 
 def load_hf(directory: str | Path, where: str = "xpar import") -> tuple[dict, dict]:
     """(whole-bank xpar state, run record) of a local HF model directory."""
     hf_cfg = read_config(directory, where)
     model_cfg, moe_cfg = configs_from_hf(hf_cfg, where)
-    state = state_from_hf(read_weights(directory, where), hf_cfg["model_type"], model_cfg, moe_cfg)
+    weights = read_weights(directory, where)
+    state = state_from_hf(weights, hf_cfg["model_type"], model_cfg, moe_cfg, where)
     record = {
         "model": {"model": dataclasses.asdict(model_cfg), "moe": dataclasses.asdict(moe_cfg)},
         "hf_source": {
