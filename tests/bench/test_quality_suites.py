@@ -195,6 +195,32 @@ def test_finetune_beats_scratch_on_final_accuracy():
     assert not target(qs.finetune(runs(0.6, 0.5)), "val accuracy").met
 
 
+# --------------------------------------------------------------------------- upcycle
+
+
+def test_upcycle_counts_further_steps_to_the_continued_dense_loss(tmp_path):
+    def runs(upcycled):
+        return {
+            "dense": run_of("dense", val__loss={0: 6.0, 1500: 2.0}),
+            "dense_more": run_of("dense_more", val__loss={0: 2.0, 250: 1.95, 500: 1.9}),
+            "upcycled": run_of("upcycled", val__loss=upcycled),
+        }
+
+    o = qs.upcycle(runs({0: 2.0, 100: 1.9, 500: 1.8}))
+    t = target(o, "upcycled")
+    assert t.value == pytest.approx(100 / 500) and t.met and t.goal == "< 1"
+    assert o.rows["dense_more"] == ["2.000 / 1.900", "500.0"]
+    assert "from 2.0000" in o.columns[1]
+    assert not target(qs.upcycle(runs({0: 2.0, 500: 1.9})), "upcycled").met  # a tie
+    assert target(qs.upcycle(runs({0: 2.0, 500: 1.95})), "upcycled").value is None
+    (tmp_path / "dense" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "dense" / "checkpoints" / "latest").write_text("step_00001500\n")
+    src = tmp_path / "dense" / "checkpoints" / "step_00001500"
+    dirs = {"dense": tmp_path / "dense"}
+    assert qs.dense_checkpoint_overrides(dirs) == [f"train.init_from={src}"]
+    assert qs.upcycle_overrides(dirs) == [f"train.init_from={src}", "moe.upcycle=true"]
+
+
 # --------------------------------------------------------------------------- the suites
 
 
@@ -206,10 +232,11 @@ def test_the_suites_in_order_and_what_they_share():
         "hash_base",
         "distill",
         "finetune",
+        "upcycle",
     ]
     arms = collect_arms(list(qs.SUITES.values()))
     names = [a.name for a in arms]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 14
     for s in qs.SUITES.values():
         assert s.reference and s.title
         for group in s.fair:

@@ -15,6 +15,8 @@ target logic is tested on synthetic curves (tests/bench/test_quality_suites.py).
     distill       dense student distilled from the MoE keeps >= 30% of its val-loss gain
     finetune      classifier fine-tuned from the MLM encoder beats it from scratch on
                   val accuracy at equal steps
+    upcycle       from the dense arm's checkpoint, the upcycled MoE reaches the val loss that
+                  500 more dense steps reach in fewer steps than those 500
 
 Arms are shared by name: `moe` (suites 1, 3 and 5's teacher), `dense` (1, 5), `enc_top2`
 (2, and 6's pre-trained encoder) train once per call.
@@ -272,6 +274,34 @@ def finetune(runs: Mapping[str, ArmRun]) -> Outcome:
     )
 
 
+# --------------------------------------------------------------------------- 7 upcycle
+
+
+def dense_checkpoint_overrides(dirs: Mapping[str, Path]) -> list[str]:
+    """Both arms of the upcycle suite start from the dense arm's final checkpoint."""
+    return [f"train.init_from={latest_checkpoint(dirs['dense'])}"]
+
+
+def upcycle_overrides(dirs: Mapping[str, Path]) -> list[str]:
+    return [*dense_checkpoint_overrides(dirs), "moe.upcycle=true"]
+
+
+def upcycle(runs: Mapping[str, ArmRun]) -> Outcome:
+    c, u = _curve(runs["dense_more"]), _curve(runs["upcycled"])
+    target, cs, us, ratio = steps_ratio(u, c)
+    start = runs["dense"].final()
+    rows = {"dense": [_start_end(_curve(runs["dense"])), "- (the starting point)"]}
+    rows |= {"dense_more": [_start_end(c), fmt(cs, 1)], "upcycled": [_start_end(u), fmt(us, 1)]}
+    what = "upcycled / dense further steps to the continued dense's final val loss"
+    met = ratio is not None and ratio < 1
+    return Outcome(
+        columns=["val loss start / end", f"steps to {target:.4f} (from {start:.4f})"],
+        rows=rows,
+        targets=[Target(what, ratio, "< 1", met)],
+        marks=_reach_marks(target, {"dense_more": cs, "upcycled": us}),
+    )
+
+
 # --------------------------------------------------------------------------- the suites
 
 DENSE = Arm("dense", "quality_dense")
@@ -368,6 +398,29 @@ def _suites() -> Sequence[Suite]:
             fair=(("cls_scratch", "cls_finetune"),),
             may_differ=("optim.lr",),
             panels=((ACC, "validation accuracy"), (LOSS, "validation loss (nats)")),
+        ),
+        Suite(
+            name="upcycle",
+            title="sparse upcycling vs training the dense model on: further steps to a loss",
+            reference="Sparse upcycling (Komatsuzaki et al. 2022)",
+            arms=(
+                DENSE,
+                Arm(
+                    "dense_more",
+                    "quality_dense_continued",
+                    after=("dense",),
+                    late=dense_checkpoint_overrides,
+                ),
+                Arm(
+                    "upcycled",
+                    "quality_upcycle",
+                    quick=("moe.d_ff=64",),  # the quick dense FFN's width
+                    after=("dense",),
+                    late=upcycle_overrides,
+                ),
+            ),
+            evaluate=upcycle,
+            fair=(("dense_more", "upcycled"),),
         ),
     )
 
