@@ -7,10 +7,12 @@
   weights, fp32 masters, Adam moments and steps bitwise the saved ones per global expert
   (read back through a save at the new layout, and the module weights through the rank
   files, which do not go through the universal state); LR schedule and counters kept.
-- trainer (slow): experiment=tiny with the aux-loss-free bias, saved at EP=4 ZeRO-2 on 4 ranks;
-  train.resume=auto at EP=2 on 2 ranks, EP=1 on 2 ranks and in one process, the same global
-  batch: state bitwise, the bias buffers too, and the continued losses of every layout
-  within 1e-5 of one process's (and of the run that never stopped).
+- trainer (slow, torchrun, the committed corpus): experiment=tiny with the aux-loss-free bias,
+  8 steps at EP=4 ZeRO-2 on 4 ranks, saved at step 4; from that checkpoint train.resume=auto
+  at EP=2 ZeRO-1 on 2 ranks, EP=1 ZeRO-0 on 2 ranks and ZeRO-2 in one process, the same
+  global batch (micro batches of 2, accumulated): the resume line says it resharded, the
+  continued losses of every layout are within 1e-5 of one process's and of the run that never
+  stopped, and the router bias ends bitwise where that run's does.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def _toy_save(rank, world, root):
 
     groups = init_parallel(ep_size=4, backend="gloo")
     engine = build_engine(groups, 2, 1)
-    train(engine, groups, range(2), 1)
+    # 3 steps: the LR is then not a fresh engine's (the toy's lr_lambda(2) == lr_lambda(0))
+    train(engine, groups, range(3), 1)
     ckpt.save(engine, f"{root}/saved", {"rank": rank, "rng": torch.get_rng_state()})
     return engine.state_dict()["engine"], engine.lr()
 
@@ -138,7 +141,7 @@ def _toy_load(rank, world, root, tags):
             client = ckpt.load(engine, f"{root}/saved")
         lr, counters = engine.lr(), engine.state_dict()["engine"]
         ckpt.save(engine, f"{root}/{tag}", client)
-        losses, _ = train(engine, groups, range(2, 3), 1)  # it trains on
+        losses, _ = train(engine, groups, range(3, 4), 1)  # it trains on
         out[tag] = {
             "client_rank": client.get("rank"),
             "counters": counters,
@@ -165,7 +168,7 @@ def test_toy_state_is_bitwise_the_saved_one_at_another_layout(toy, tag):
     root, saved, loads = toy
     saved_entries = _entries(root / "saved")
     assert any(k.endswith("/expert_3") for k in saved_entries)  # per global expert
-    assert all(e["step"] == 2 for e in saved_entries.values() if "step" in e)
+    assert all(e["step"] == 3 for e in saved_entries.values() if "step" in e)
     _assert_same_entries(saved_entries, _entries(root / tag))
     # the module weights, through the rank files alone
     old, new = _toy_module(root / "saved"), _toy_module(root / tag)
@@ -226,3 +229,94 @@ def _refused(rank, world, directory):
     except XparConfigError as e:
         return str(e)
     return "loaded"
+
+
+# ------------------------------------------------------------------ trainer (slow)
+
+# experiment=tiny (4 experts top-2, capacity 1.25) with the aux-loss-free bias; no mid-run eval.
+# Every layout keeps micro batches of 2 sequences, so each micro batch holds the same tokens
+# as one of the 4-rank run's ranks (a token's drop depends on its micro batch): 8 sequences
+# per step as 4 ranks x 1, 2 ranks x 2 accumulated, 1 process x 4.
+TRAINER = [
+    "experiment=tiny",
+    "data=files",
+    "+moe.router_options.bias_update_rate=0.01",
+    "train.steps=8",
+    "train.ckpt_every=4",
+    "train.eval_every=100",
+    "logger.wandb_mode=disabled",
+]
+SAVED = ["parallel.ep_size=4", "parallel.zero_stage=2"]  # on 4 ranks
+# tag: (ranks, ep_size, ZeRO stage, grad_accum)
+TRAINER_LOADS = {"ep2_z1": (2, 2, 1, 2), "ep1_z0": (2, 1, 0, 2), "one_z2": (1, 1, 2, 4)}
+BIAS = "expert_bias_E"
+
+
+def _stopped_at_4(src: Path, dst: Path) -> None:
+    """src's run as a run stopped after its step-4 checkpoint: no step 8, nor its rows."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("step_00000008"))
+    ckpt.publish(dst / "checkpoints", 4)
+    rows = (dst / "metrics.jsonl").read_text().splitlines()
+    (dst / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[:4]))
+
+
+def _module(step_dir: Path) -> dict[str, torch.Tensor]:
+    from xpar.parallel.deepspeed import XparEngine
+
+    with torch.serialization.safe_globals(XparEngine.safe_globals()):
+        return torch.load(ckpt.rank_file(step_dir, 0), weights_only=True)["module"]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    from tests.fixtures import golden
+
+    root = tmp_path_factory.mktemp("trainer")
+    data = golden.data_overrides(root / "cache")
+    # the run that never stops; its step-4 checkpoint is the one every layout resumes
+    golden.torchrun(root / "straight", [*TRAINER, *data, *SAVED], nproc=4)
+    runs = {}
+    for tag, (world, ep, stage, accum) in TRAINER_LOADS.items():
+        out = root / tag
+        _stopped_at_4(root / "straight", out)
+        layout = [f"parallel.ep_size={ep}", f"parallel.zero_stage={stage}"]
+        more = [*layout, f"train.grad_accum={accum}", "train.resume=auto"]
+        runs[tag] = golden.torchrun(out, [*TRAINER, *data, *more], nproc=world).stdout
+    return root, runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", list(TRAINER_LOADS))
+def test_trainer_resumes_a_4_rank_ep4_zero2_run_at_another_layout(trainer, tag):
+    from tests.fixtures import golden
+
+    root, runs = trainer
+    world, ep, stage, _ = TRAINER_LOADS[tag]
+    (line,) = [x for x in runs[tag].splitlines() if x.startswith("train.resume: ")]
+    assert line.startswith(
+        "train.resume: resharding step_00000004 from 4 ranks (ep_size 4, expert-DP 1, ZeRO-2, "
+        f"fp32) to {world} rank{'s' * (world > 1)} (ep_size {ep}, expert-DP {world // ep}, "
+        f"ZeRO-{stage}, fp32): weights, Adam moments and steps, LR schedule, step counters and "
+        "buffers (router balance state)"
+    )
+    assert "8 sequences per step as saved" in line
+    assert f"resumed from {root / tag}/checkpoints/step_00000004 at step 4" in runs[tag]
+    # the continued losses: those of one process and of the run that never stopped
+    got, one = golden.losses(root / tag), golden.losses(root / "one_z2")
+    straight = golden.losses(root / "straight")
+    assert sorted(got) == list(range(1, 9))
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(one[step], abs=1e-5), step
+        assert got[step] == pytest.approx(straight[step], abs=1e-5), step
+    # The router bias: the saved one (moved from 0 by step 4) plus one sign step of
+    # bias_update_rate per step from the step's loads over all ranks (integer counts), so a
+    # resumed run that loaded it bitwise ends bitwise where the straight run does; one that
+    # started from zeros would not.
+    saved = _module(root / "straight/checkpoints/step_00000004")
+    want = _module(root / "straight/checkpoints/step_00000008")
+    ended = _module(root / tag / "checkpoints/step_00000008")
+    keys = [k for k in saved if k.endswith(BIAS)]
+    assert len(keys) == 2 and all(saved[k].abs().sum() > 0 for k in keys)
+    for k in keys:
+        assert not torch.equal(want[k], saved[k]), k  # it moved after step 4 too
+        assert torch.equal(ended[k], want[k]), k

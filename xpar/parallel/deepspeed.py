@@ -527,6 +527,11 @@ class XparEngine:
             if state["lr_scheduler"] is None:
                 raise XparConfigError("it has no LR scheduler state but this run has one")
             e.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            # A scheduler's state holds the next step's lr but does not set it; the rank
+            # files' optimizer state carries it in its param groups, this fresh one does not.
+            groups = e.lr_scheduler.optimizer.param_groups
+            for g, lr in zip(groups, e.lr_scheduler.get_last_lr(), strict=True):
+                g["lr"] = lr
         counters = dict(state["engine"])
         saved_ga, ga = int(state["grad_accum"]), int(e.gradient_accumulation_steps())
         counters["micro_steps"] = counters["micro_steps"] // saved_ga * ga

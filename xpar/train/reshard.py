@@ -310,13 +310,17 @@ def describe(
     if w1 == w0:
         line += "; every rank continues its saved RNG stream"
     elif w1 < w0:
+        kept = "continues the stream" if w1 == 1 else "continue the streams"
+        those, are = ("that", "is") if w0 - w1 == 1 else ("those", "are")
         line += (
-            f"; RNG: {_ranks(0, w1)} continue the streams of saved {_ranks(0, w1)}, those of "
-            f"saved {_ranks(w1, w0)} are dropped"
+            f"; RNG: {_ranks(0, w1)} {kept} of saved {_ranks(0, w1)}, {those} of saved "
+            f"{_ranks(w1, w0)} {are} dropped"
         )
     else:
+        kept = "continues its saved stream" if w0 == 1 else "continue their saved streams"
+        new = "is new and starts" if w1 - w0 == 1 else "are new and start"
         line += (
-            f"; RNG: {_ranks(0, w0)} continue their saved streams, {_ranks(w0, w1)} are new "
-            "and start from the stream a fresh run has (train.seed)"
+            f"; RNG: {_ranks(0, w0)} {kept}, {_ranks(w0, w1)} {new} from the stream a fresh "
+            "run has (train.seed)"
         )
     return line

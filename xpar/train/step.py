@@ -45,6 +45,10 @@ def train_step(run: Run) -> tuple[float, list]:
         total = ce + aux
         with _BACKWARD:
             run.engine.backward(total)
+        if micro < accum - 1:
+            # DeepSpeed finds the accumulation boundary by counting step() calls, one per
+            # micro batch; before the last one step() only counts (no update)
+            run.engine.step()
         if run.stateful_routers:
             loads = _add_loads(loads, auxes)
         ce_sum += ce.item()
