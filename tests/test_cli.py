@@ -36,3 +36,13 @@ def test_unknown_command_names_the_choices():
     p = _xpar("trian")
     assert p.returncode == 2
     assert "unknown command 'trian'" in p.stderr and "train" in p.stderr
+
+
+def test_a_command_that_reads_a_rank_file_keeps_deepspeed_quiet(tmp_path):
+    from tests.interop.test_hf_interop import _save, _xpar_model
+
+    ckpt = _save(_xpar_model(), tmp_path / "ckpt")
+    p = _xpar("export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines() == [f"wrote {tmp_path / 'hf'} (MixtralForCausalLM)"]
+    assert "accelerator" not in p.stderr.lower(), p.stderr

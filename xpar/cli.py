@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
             f"xpar: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr
         )
         sys.exit(2)
+    if name != "train":  # the trainer quiets them itself (train.verbose)
+        from xpar.train.sinks.quiet import quiet_third_party
+
+        # before DeepSpeed's import-time "Setting accelerator" warning (a rank file's read)
+        quiet_third_party(verbose=False)
     module = importlib.import_module(COMMANDS[name][0])
     if name == "train":
         # Hydra reads sys.argv itself: hand it the overrides as if called as xpar-train.
