@@ -19,7 +19,9 @@ A Hydra sweep (-m) is composed once per point. Placeholders are substituted only
 in PLACEHOLDERS (and ${hydra:job.num} by the sweep point's number); validation never reads
 data files or tokenizers, so paths such as corpus/*.jsonl need not exist. A checkpoint an
 earlier documented command writes (train.init_from, train.distill.teacher under outputs/)
-is stood in for by tests/fixtures/ckpt_v1, a real checkpoint (PRODUCED). Commands that do
+is stood in for by tests/fixtures/ckpt_v1, a real checkpoint (PRODUCED); the dense checkpoint
+an upcycling command (moe.upcycle=true) names by the run record of a dense model with the
+command's own model config (what validation reads). Commands that do
 not run the trainer (docker build, the benchmark, pytest) are left out; `pytest -v` lists
 every command checked, and a file in EXPECTED that yields none fails.
 """
@@ -384,6 +386,25 @@ def _produced(override: str) -> str:
     return override
 
 
+UPCYCLE = "moe.upcycle=true"
+
+
+def _dense_source(overrides: list[str], tmp: Path) -> list[str]:
+    """The overrides with train.init_from at a stand-in dense checkpoint of their model."""
+    from dataclasses import asdict
+
+    from xpar.config.store import compose_config
+    from xpar.train import checkpoint as ckpt
+
+    rest = [o for o in overrides if o != UPCYCLE and not o.startswith("train.init_from=")]
+    cfg = compose_config([*rest, "moe.every=0"], world_size=1, cuda_available=False)
+    d = tmp / "dense" / "step_00000002"
+    d.mkdir(parents=True, exist_ok=True)
+    model = {"model": asdict(cfg.model), "moe": asdict(cfg.moe)}
+    ckpt.write_client_state(d, {"step": 2, "model": model})
+    return [*rest, UPCYCLE, f"train.init_from={d}"]
+
+
 COMMANDS = documented_commands()
 ALL = [c for cmds in COMMANDS.values() for c in cmds]
 
@@ -392,7 +413,7 @@ ALL = [c for cmds in COMMANDS.values() for c in cmds]
 
 
 @pytest.mark.parametrize("cmd", ALL, ids=[f"{c.where} {c.text}" for c in ALL])
-def test_documented_command_composes_and_validates(cmd: DocCommand):
+def test_documented_command_composes_and_validates(cmd: DocCommand, tmp_path):
     if SUBMITIT in cmd.overrides:
         pytest.importorskip(
             "hydra_plugins.hydra_submitit_launcher",
@@ -401,6 +422,8 @@ def test_documented_command_composes_and_validates(cmd: DocCommand):
     points = sweep_points(cmd)
     assert not cmd.multirun or len(points) > 1, f"{cmd.where}: -m without a sweep"
     for overrides in points:
+        if UPCYCLE in overrides:
+            overrides = _dense_source(overrides, tmp_path)
         cfg = compose_dictconfig(overrides)
         for world, cuda in cmd.worlds:
             try:
@@ -427,12 +450,12 @@ def test_placeholders_are_still_used():
         assert any(old in t for t in texts), f"placeholder {old!r} is no longer in the docs"
 
 
-def test_a_stale_command_fails():
+def test_a_stale_command_fails(tmp_path):
     # the Docker image's old default: Hydra refuses to add an experiment the defaults list has
     (cmd,) = [c for c in ALL if c.where.startswith("docker/Dockerfile:") and "docker" not in c.text]
     stale = DocCommand(cmd.where, cmd.text, ("+experiment=tiny",), cmd.worlds, False)
     with pytest.raises(XparConfigError, match="experiment"):
-        test_documented_command_composes_and_validates(stale)
+        test_documented_command_composes_and_validates(stale, tmp_path)
 
 
 def test_extraction_reads_sweeps_and_launchers():

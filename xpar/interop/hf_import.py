@@ -305,7 +305,7 @@ def overrides(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> list[str]:
         for k, v in dataclasses.asdict(model_cfg).items()
         if k != "attention_options"
     ]
-    skip = {"router_options"}
+    skip = {"router_options", "upcycle", "upcycle_noise"}  # how a run starts, not a shape
     out += [
         f"moe.{k}={'null' if v is None else v}"
         for k, v in dataclasses.asdict(moe_cfg).items()
