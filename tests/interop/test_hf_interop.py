@@ -23,7 +23,7 @@ VOCAB = 61
 
 def _hf_mixtral(tmp_path, **kw):
     cfg = transformers.MixtralConfig(
-        vocab_size=VOCAB,
+        vocab_size=kw.pop("vocab_size", VOCAB),
         hidden_size=32,
         intermediate_size=24,
         num_hidden_layers=2,

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.fixtures import golden
+from tests.interop.test_hf_interop import _hf_mixtral as hf_mixtral
 from xpar.config.store import compose_config
 from xpar.errors import XparConfigError
 from xpar.interop import hf_import
@@ -33,20 +34,7 @@ VOCAB = 257  # the byte tokenizer's, so the trainer can run it on the committed 
 
 
 def _hf_mixtral(directory: Path) -> Path:
-    cfg = transformers.MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.MixtralForCausalLM(cfg).save_pretrained(directory)
-    return directory
+    return hf_mixtral(directory, vocab_size=VOCAB)[1]
 
 
 def _tokens() -> torch.Tensor:
@@ -84,7 +72,7 @@ def _init_worker(rank: int, world: int, hf_dir: str):
 
 
 def test_hf_weights_start_the_model_at_any_ep_size(tmp_path):
-    hf_dir = _hf_mixtral(tmp_path / "hf")
+    hf_dir = _hf_mixtral(tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     with torch.no_grad():
         want = hf_model(_tokens()).logits
@@ -97,7 +85,7 @@ def test_hf_weights_start_the_model_at_any_ep_size(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_starts_from_a_hugging_face_model(tmp_path):
-    hf_dir = _hf_mixtral(tmp_path / "hf")
+    hf_dir = _hf_mixtral(tmp_path)
     state, record = hf_import.load_hf(hf_dir)
     model_cfg, moe_cfg = saved_model.configs(record)
     p = golden.torchrun(
