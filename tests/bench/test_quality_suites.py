@@ -221,6 +221,33 @@ def test_upcycle_counts_further_steps_to_the_continued_dense_loss(tmp_path):
     assert qs.upcycle_overrides(dirs) == [f"train.init_from={src}", "moe.upcycle=true"]
 
 
+# --------------------------------------------------------------------------- attention
+
+
+def test_attention_arms_are_dense_and_every_causal_variant():
+    from xpar.models.attention import attention_names, get_attention
+
+    arms = qs.attention_arms()
+    assert arms[0].name == "attn_dense" and arms[0].overrides == ("attention=dense",)
+    causal = {n for n in attention_names() if get_attention(n).causal_ok}
+    assert {a.name.removeprefix("attn_") for a in arms} == causal
+
+
+def test_attention_compares_loss_and_tokens_per_s_with_dense():
+    tps = "train/tokens_per_s"
+    runs = {
+        "attn_dense": run_of("attn_dense", val__loss={0: 5.0, 300: 2.0}, **{tps: {10: 100.0, 20: 120.0, 30: 110.0}}),
+        "attn_fast": run_of("attn_fast", val__loss={0: 5.0, 300: 2.08}, **{tps: {10: 330.0}}),
+        "attn_bad": run_of("attn_bad", val__loss={0: 5.0, 300: 2.2}, **{tps: {10: 55.0}}),
+    }  # fmt: skip
+    o = qs.attention(runs)
+    assert o.rows["attn_dense"][1:] == ["1.000", "110", "1.00"]
+    assert o.rows["attn_fast"][1:] == ["1.040", "330", "3.00"]
+    fast, bad = target(o, "fast"), target(o, "bad")
+    assert fast.met and fast.value == pytest.approx(1.04) and fast.goal == "<= 1.05"
+    assert not bad.met and bad.value == pytest.approx(1.1)
+
+
 # --------------------------------------------------------------------------- the suites
 
 
@@ -233,10 +260,11 @@ def test_the_suites_in_order_and_what_they_share():
         "distill",
         "finetune",
         "upcycle",
+        "attention",
     ]
     arms = collect_arms(list(qs.SUITES.values()))
     names = [a.name for a in arms]
-    assert len(names) == len(set(names)) == 14
+    assert len(names) == len(set(names)) == 14 + len(qs.attention_arms())
     for s in qs.SUITES.values():
         assert s.reference and s.title
         for group in s.fair:

@@ -17,6 +17,8 @@ target logic is tested on synthetic curves (tests/bench/test_quality_suites.py).
                   val accuracy at equal steps
     upcycle       from the dense arm's checkpoint, the upcycled MoE reaches the val loss that
                   500 more dense steps reach in fewer steps than those 500
+    attention     every causal attention variant vs dense at seq_len 1024, same steps: final
+                  val loss within 5% of dense's (our bar; the issue asks for the table), tokens/s
 
 Arms are shared by name: `moe` (suites 1, 3 and 5's teacher), `dense` (1, 5), `enc_top2`
 (2, and 6's pre-trained encoder) train once per call.
@@ -302,6 +304,53 @@ def upcycle(runs: Mapping[str, ArmRun]) -> Outcome:
     )
 
 
+# --------------------------------------------------------------------------- 8 attention
+
+ATTN_LOSS_WITHIN = 1.05  # attention: a variant's final val loss / dense's (xpar's own bar)
+TOKENS_PER_S = "train/tokens_per_s"
+
+
+def _median(values: Sequence[float]) -> float | None:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2 if v else None
+
+
+def attention_arms() -> tuple[Arm, ...]:
+    """attn_<name> for dense and every registered variant that can be causal."""
+    from xpar.models.attention import attention_names, get_attention
+
+    names = ["dense"] + [
+        n for n in attention_names() if n != "dense" and get_attention(n).causal_ok
+    ]
+    # --quick: 256 tokens, so that every variant's block / chunk / window options still fit
+    quick = ("data.seq_len=256", "model.max_seq_len=256")
+    return tuple(
+        Arm(f"attn_{n}", "quality_attention", overrides=(f"attention={n}",), quick=quick)
+        for n in names
+    )
+
+
+def attention(runs: Mapping[str, ArmRun]) -> Outcome:
+    dense = runs["attn_dense"]
+    base_loss = dense.final()
+    base_tps = _median(list(dense.series(TOKENS_PER_S).values()))
+    rows, targets = {}, []
+    for name, run in runs.items():
+        ratio = run.final() / base_loss
+        tps = _median(list(run.series(TOKENS_PER_S).values()))
+        speed = _ratio(tps, base_tps)
+        rows[name] = [_start_end(_curve(run)), f"{ratio:.3f}", fmt(tps, 0), fmt(speed, 2)]
+        if name != "attn_dense":
+            variant = name.removeprefix("attn_")
+            targets.append(at_most(f"{variant}: final val loss / dense's", ratio, ATTN_LOSS_WITHIN))
+    return Outcome(
+        columns=["val loss start / end", "val loss / dense", "tokens/s (median)", "x dense"],
+        rows=rows,
+        targets=targets,
+        marks=[Mark(LOSS, "h", base_loss, "attn_dense")],
+    )
+
+
 # --------------------------------------------------------------------------- the suites
 
 DENSE = Arm("dense", "quality_dense")
@@ -421,6 +470,15 @@ def _suites() -> Sequence[Suite]:
             ),
             evaluate=upcycle,
             fair=(("dense_more", "upcycled"),),
+        ),
+        Suite(
+            name="attention",
+            title="efficient attention vs dense at seq_len 1024: final val loss and tokens/s",
+            reference="Long Range Arena (Tay et al. 2021); each variant's own paper",
+            arms=attention_arms(),
+            evaluate=attention,
+            fair=(tuple(a.name for a in attention_arms()),),
+            panels=((LOSS, "validation loss (nats/token)"), (TOKENS_PER_S, "train tokens/s")),
         ),
     )
 
