@@ -27,6 +27,11 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
         "plain python",
         "dense vs MoE at equal active params: val loss",
     ),
+    "attention": (
+        "xpar.bench.attention",
+        "plain python",
+        "attention variants vs dense: fwd+bwd time and memory vs L",
+    ),
     "startup": (
         "xpar.bench.startup",
         "plain python",
