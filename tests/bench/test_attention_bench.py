@@ -178,10 +178,11 @@ def test_a_measurement_predicted_too_big_or_slow_is_skipped_and_says_why():
     # memory growing 4x per doubling: 300 MB -> 1.2 GB predicted
     big = A._first_look(cand, 4096, done((1024, 1.0, 75.0), (2048, 2.0, 300.0)), info, args)
     assert big == {"status": "skipped", "reason": "predicted 1.2 GB peak > --max-mem-gb 1"}
-    slow = A._first_look(cand, 4096, done((1024, 1000.0, 1.0), (2048, 4000.0, 2.0)), info, args)
-    assert (
-        slow["status"] == "skipped" and "predicted 16 s a step > --max-step-s 10" in slow["reason"]
-    )
+    timed = done((1024, 1000.0, 1.0), (2048, 4000.0, 2.0))
+    slow = A._first_look(A.Cand("causal", "topk", True), 4096, timed, info, args)
+    assert slow["status"] == "skipped"
+    assert slow["reason"] == "predicted 16 s a step > --max-step-s 10"
+    assert A._first_look(cand, 4096, timed, info, args)["status"] == "ok"  # dense always runs
     after = {1024: {"status": "over_mem", "reason": "x"}}
     assert A._first_look(cand, 2048, after, info, args) == {
         "status": "skipped",
