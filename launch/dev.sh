@@ -62,8 +62,8 @@ if [ "${XPAR_REINSTALL:-0}" = 1 ] || [ -n "$reason" ]; then
   if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     $PIP install -c launch/constraints.txt torch==2.13.0
   fi
-  # dev: test tools and linters; slurm, hf: so their tests run rather than skip.
-  $PIP install -c launch/constraints.txt -e ".[dev,slurm,hf]"
+  # dev: test tools and linters; slurm, hf, search: so their tests run rather than skip.
+  $PIP install -c launch/constraints.txt -e ".[dev,slurm,hf,search]"
   wanted_stamp > "$STAMP"
 fi
 # Console scripts of the venv (hadolint, shellcheck, torchrun) without activating it.
