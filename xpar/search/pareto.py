@@ -50,9 +50,11 @@ def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -
 
 
 def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and abs(value) < 1e4:
+        return f"{value:.4g}"
+    return f"{value:,.0f}"
 
 
 def front_table(rows: list[dict], columns: Sequence[str]) -> str:
@@ -121,6 +123,8 @@ def write_report(study, out_dir: str | Path) -> tuple[str, Path, Path]:
     out = Path(out_dir)
     rows, front = study_rows(study)
     params = list(dict.fromkeys(k for t in study.trials for k in t.params))
+    # the variant, then its knobs (each only some variants have), then the rest
+    params.sort(key=lambda k: (k != "attention", not k.startswith("model.attention_options.")))
     columns = ["trial", *params, *FACTS, *OBJECTIVES]
     best = sorted((rows[i] for i in front), key=lambda r: r["val_loss"])
     n_skipped = sum(not math.isfinite(r["val_loss"]) for r in rows)
