@@ -49,7 +49,8 @@ def open_study(sweeper: DictConfig):
     folder = _storage_dir(storage)
     if folder is not None:  # SQLite creates the file, not its folder
         folder.mkdir(parents=True, exist_ok=True)
-    directions = list(sweeper.direction)
+    direction = sweeper.direction
+    directions = [direction] if isinstance(direction, str) else list(direction)
     study = optuna.create_study(
         study_name=str(sweeper.study_name),
         storage=storage,
