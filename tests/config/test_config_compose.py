@@ -19,13 +19,19 @@ from xpar.config import (
     to_plain_dict,
 )
 from xpar.errors import XparConfigError
+from xpar.models.attention import attention_names, get_attention
 from xpar.models.config import ModelConfig
 from xpar.models.cost import model_cost
 
-GROUPS = ("model", "moe", "data", "optim", "parallel", "logger", "task", "experiment")
+GROUPS = ("model", "attention", "moe", "data", "optim", "parallel", "logger", "task", "experiment")
 
-# Options that need something from the command line to be complete.
-EXTRA = {("data", "files"): ["data.files=[corpus/*.jsonl]"]}
+# Options that need something from the command line to be complete: an encoder-only
+# attention needs the encoder.
+EXTRA = {("data", "files"): ["data.files=[corpus/*.jsonl]"]} | {
+    ("attention", n): ["model.causal=false"]
+    for n in attention_names()
+    if not get_attention(n).causal_ok
+}
 # Options that compose but must be refused in this (causal, decoder-only) model.
 REFUSED = {
     ("moe", n): f"moe.router='{n}' is not allowed" for n in ("expert_choice", "base", "soft")
@@ -190,6 +196,11 @@ def test_group_schemas_are_registered_and_first_in_every_group_file():
         if group == "experiment":
             text = (CONFIG_DIR / group / f"{name}.yaml").read_text(encoding="utf-8")
             assert text.startswith("# @package _global_"), name
+            continue
+        if group == "attention":  # writes into the (typed) model node, its own name
+            text = (CONFIG_DIR / group / f"{name}.yaml").read_text(encoding="utf-8")
+            assert text.startswith("# @package model\n"), name
+            assert f"\nattention: {name}\n" in text, name
             continue
         text = (CONFIG_DIR / group / f"{name}.yaml").read_text(encoding="utf-8")
         assert "defaults:\n  - schema\n  - _self_\n" in text, (group, name)
