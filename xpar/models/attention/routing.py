@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from xpar.config.checks import bad, is_finite, is_int, need_int
 from xpar.models.attention import Attention, register
+from xpar.models.attention.block_softmax import block_softmax, merge_softmax
 
 
 @dataclass
@@ -121,28 +122,15 @@ def _top_capacity(sim_BHLC: torch.Tensor, W: int) -> tuple[torch.Tensor, torch.T
     return idx_BHCW, torch.ones_like(idx_BHCW, dtype=torch.bool)
 
 
-def _exp_scores(s_X: torch.Tensor, allowed_X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(s - rowmax) over the allowed keys (0 elsewhere) and the row max (-inf for a row
-    with no allowed key). The max is detached: a constant shift the merge divides out again.
-    In place on s (a fresh product nothing else holds): one score-sized tensor, not three."""
-    s_X = s_X.masked_fill_(~allowed_X, float("-inf"))
-    m_raw = s_X.detach().amax(-1)
-    m_safe = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw))
-    return s_X.sub_(m_safe[..., None]).exp_(), m_raw
-
-
 def local_attention(q_BHLK, k_BHLK, v_BHLK, window: int, causal: bool, scale: float):
-    """Unnormalised attention over each query's local keys: (numerator [B, H, L, K],
-    denominator [B, H, L], row max [B, H, L]); softmax = numerator / denominator."""
+    """Attention over each query's local keys: (output [B, H, L, K], log-sum-exp [B, H, L])."""
     B, H, L, K = q_BHLK.shape
     if window == 0:  # itself only
-        s_BHL = (q_BHLK * k_BHLK).sum(-1) * scale
-        e_BHL = torch.exp(s_BHL - s_BHL.detach())
-        return e_BHL[..., None] * v_BHLK, e_BHL, s_BHL.detach()
+        return v_BHLK, (q_BHLK * k_BHLK).sum(-1) * scale
     b = window
     nb = -(-L // b)
     pad = nb * b - L
-    q_BHNRK = F.pad(q_BHLK, (0, 0, 0, pad)).view(B, H, nb, b, K)
+    q_BHNRK = F.pad(q_BHLK * scale, (0, 0, 0, pad)).view(B, H, nb, b, K)
     # Key blocks n-1, n (and n+1): one zero block either side, masked below.
     k_BHXK = F.pad(k_BHLK, (0, 0, b, pad + b)).view(B, H, nb + 2, b, K)
     v_BHXK = F.pad(v_BHLK, (0, 0, b, pad + b)).view(B, H, nb + 2, b, K)
@@ -155,56 +143,43 @@ def local_attention(q_BHLK, k_BHLK, v_BHLK, window: int, causal: bool, scale: fl
     j_N1T = j_N1T[:, None, :]
     near = (i_NR1 - j_N1T >= 0) if causal else (i_NR1 - j_N1T >= -window)
     allowed_NRT = near & (i_NR1 - j_N1T <= window) & (j_N1T >= 0) & (j_N1T < L)
-    s_BHNRT = torch.einsum("bhnrk,bhntk->bhnrt", q_BHNRK * scale, k_BHNTK)
-    e_BHNRT, m_BHNR = _exp_scores(s_BHNRT, allowed_NRT)
-    num_BHLK = (e_BHNRT @ v_BHNTK).view(B, H, nb * b, K)[:, :, :L]
-    den_BHL = e_BHNRT.sum(-1).view(B, H, nb * b)[:, :, :L]
-    return num_BHLK, den_BHL, m_BHNR.reshape(B, H, nb * b)[:, :, :L]
+    o_BHNRK, lse_BHNR = block_softmax(q_BHNRK, k_BHNTK, v_BHNTK, allowed_NRT)
+    o_BHLK = o_BHNRK.reshape(B, H, nb * b, K)[:, :, :L]
+    return o_BHLK, lse_BHNR.reshape(B, H, nb * b)[:, :, :L]
 
 
 def _cluster_attention(qs_BHLK, k_BHLK, v_BHLK, iq_BHCW, ik_BHCW, okk_BHCW, window, causal):
-    """Unnormalised attention of each cluster's queries (qs: already scaled) over the
-    cluster's keys that are allowed and not local to the query: (numerator [B, H, C, W, K],
-    denominator [B, H, C, W], row max [B, H, C, W], -inf for a query with none)."""
+    """Attention of each cluster's queries (qs: already scaled) over the cluster's keys that
+    are allowed and not local to the query: (output [B, H, C, W, K], log-sum-exp
+    [B, H, C, W], -inf and a zero output for a query with none)."""
     L = qs_BHLK.shape[2]
     qc, kc, vc = (
         _gather(x, i) for x, i in ((qs_BHLK, iq_BHCW), (k_BHLK, ik_BHCW), (v_BHLK, ik_BHCW))
     )
-    s_BHCWW = torch.einsum("bhcik,bhcjk->bhcij", qc, kc)
     i_BHCW1, j_BHC1W = iq_BHCW[..., :, None], ik_BHCW[..., None, :]
     if causal:  # an empty key slot (only causal has them) sits after every query
         j_BHC1W = j_BHC1W.masked_fill(~okk_BHCW[..., None, :], L + window)
         allowed = j_BHC1W < i_BHCW1 - window
     else:
         allowed = (i_BHCW1 - j_BHC1W).abs() > window
-    e_BHCWW, m_BHCW = _exp_scores(s_BHCWW, allowed)
-    return e_BHCWW @ vc, e_BHCWW.sum(-1), m_BHCW
+    return block_softmax(qc, kc, vc, allowed)
 
 
 def _merge(local, cluster, iq_BHCW, okq_BHCW) -> torch.Tensor:
     """One softmax over [cluster keys ++ local keys] per (query, cluster) slot, averaged
     over the clusters a query is in; a query in none keeps its local attention."""
-    num_BHLK, den_BHL, m_BHL = local
-    numc_BHCWK, denc_BHCW, mc_BHCW = cluster
-    B, H, L, K = num_BHLK.shape
+    o_BHLK, lse_BHL = local
+    B, H, L, K = o_BHLK.shape
     C, W = iq_BHCW.shape[2:]
-    ml_BHCW = _gather(m_BHL, iq_BHCW)
-    top = torch.maximum(mc_BHCW, ml_BHCW)  # finite: the local part always has a key
-    ac_BHCW, al_BHCW = torch.exp(mc_BHCW - top), torch.exp(ml_BHCW - top)
-    num_slot = numc_BHCWK * ac_BHCW[..., None] + _gather(num_BHLK, iq_BHCW) * al_BHCW[..., None]
-    den_slot = denc_BHCW * ac_BHCW + _gather(den_BHL, iq_BHCW) * al_BHCW
-    okq = okq_BHCW.to(num_BHLK.dtype)
-    o_slot = num_slot / den_slot[..., None] * okq[..., None]
+    o_slot = merge_softmax(*cluster, _gather(o_BHLK, iq_BHCW), _gather(lse_BHL, iq_BHCW))
+    okq = okq_BHCW.to(o_BHLK.dtype)
+    o_slot = o_slot * okq[..., None]
     flat = iq_BHCW.reshape(B, H, C * W)
-    sum_BHLK = torch.zeros_like(num_BHLK).scatter_add(
+    sum_BHLK = torch.zeros_like(o_BHLK).scatter_add(
         2, flat[..., None].expand(B, H, C * W, K), o_slot.reshape(B, H, C * W, K)
     )
-    cnt_BHL = torch.zeros_like(den_BHL).scatter_add(2, flat, okq.reshape(B, H, C * W))
-    return torch.where(
-        cnt_BHL[..., None] > 0,
-        sum_BHLK / cnt_BHL.clamp(min=1)[..., None],
-        num_BHLK / den_BHL[..., None],
-    )
+    cnt_BHL = torch.zeros_like(lse_BHL).scatter_add(2, flat, okq.reshape(B, H, C * W))
+    return torch.where(cnt_BHL[..., None] > 0, sum_BHLK / cnt_BHL.clamp(min=1)[..., None], o_BHLK)
 
 
 @register

@@ -33,6 +33,7 @@ from torch import nn
 
 from xpar.config.checks import bad, need_int, need_positive
 from xpar.models.attention import Attention, register
+from xpar.models.attention.block_softmax import block_softmax
 
 
 @dataclass
@@ -115,10 +116,12 @@ class SinkhornAttention(Attention):
         vs_BHNRK = torch.einsum("bhij,bhjrk->bhirk", p_BHIJ, v_BHNRK)
         keys_BHNTK = torch.cat([k_BHNRK, ks_BHNRK], dim=3)
         vals_BHNTK = torch.cat([v_BHNRK, vs_BHNRK], dim=3)
-        s_BHNRT = torch.einsum("bhnrk,bhntk->bhnrt", q_BHNRK / math.sqrt(K), keys_BHNTK)
-        if causal:  # in place: the product is fresh and its backward does not need it
-            s_BHNRT.masked_fill_(~self._causal_allowed(N, b, q_BHLK.device), float("-inf"))
-        o_BHNRK = torch.softmax(s_BHNRT, dim=-1) @ vals_BHNTK
+        if causal:
+            allowed_NRT = self._causal_allowed(N, b, q_BHLK.device)
+        else:
+            allowed_NRT = torch.ones(1, 1, 1, dtype=torch.bool, device=q_BHLK.device)
+            allowed_NRT = allowed_NRT.expand(N, b, 2 * b)
+        o_BHNRK, _ = block_softmax(q_BHNRK / math.sqrt(K), keys_BHNTK, vals_BHNTK, allowed_NRT)
         return o_BHNRK.reshape(B, H, L, K)
 
     @staticmethod
