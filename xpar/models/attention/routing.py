@@ -161,7 +161,8 @@ def _cluster_attention(qs_BHLK, k_BHLK, v_BHLK, iq_BHCW, ik_BHCW, okk_BHCW, wind
         j_BHC1W = j_BHC1W.masked_fill(~okk_BHCW[..., None, :], L + window)
         allowed = j_BHC1W < i_BHCW1 - window
     else:
-        allowed = (i_BHCW1 - j_BHC1W).abs() > window
+        # Two bool comparisons, not |i - j| > window: no score-sized int64 temporaries.
+        allowed = (j_BHC1W < i_BHCW1 - window) | (j_BHC1W > i_BHCW1 + window)
     return block_softmax(qc, kc, vc, allowed)
 
 

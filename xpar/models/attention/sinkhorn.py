@@ -33,7 +33,7 @@ from torch import nn
 
 from xpar.config.checks import bad, need_int, need_positive
 from xpar.models.attention import Attention, register
-from xpar.models.attention.block_softmax import block_softmax
+from xpar.models.attention.block_softmax import block_softmax, merge_softmax
 
 
 @dataclass
@@ -114,23 +114,25 @@ class SinkhornAttention(Attention):
         p_BHIJ = self.permutation(q_BHLK, k_BHLK, causal)
         ks_BHNRK = torch.einsum("bhij,bhjrk->bhirk", p_BHIJ, k_BHNRK)
         vs_BHNRK = torch.einsum("bhij,bhjrk->bhirk", p_BHIJ, v_BHNRK)
-        keys_BHNTK = torch.cat([k_BHNRK, ks_BHNRK], dim=3)
-        vals_BHNTK = torch.cat([v_BHNRK, vs_BHNRK], dim=3)
-        if causal:
-            allowed_NRT = self._causal_allowed(N, b, q_BHLK.device)
-        else:
-            allowed_NRT = torch.ones(1, 1, 1, dtype=torch.bool, device=q_BHLK.device)
-            allowed_NRT = allowed_NRT.expand(N, b, 2 * b)
-        o_BHNRK, _ = block_softmax(q_BHNRK / math.sqrt(K), keys_BHNTK, vals_BHNTK, allowed_NRT)
+        # One softmax over [own block ++ sorted block], as two key sets merged by their
+        # log-sum-exps (no concatenated copy of the keys and values).
+        qs_BHNRK = q_BHNRK / math.sqrt(K)
+        own_NRR, sorted_NRR = self._allowed(N, b, causal, q_BHLK.device)
+        o_own, lse_own = block_softmax(qs_BHNRK, k_BHNRK, v_BHNRK, own_NRR)
+        o_srt, lse_srt = block_softmax(qs_BHNRK, ks_BHNRK, vs_BHNRK, sorted_NRR)
+        o_BHNRK = merge_softmax(o_srt, lse_srt, o_own, lse_own)  # own: never empty
         return o_BHNRK.reshape(B, H, L, K)
 
     @staticmethod
-    def _causal_allowed(N: int, b: int, device) -> torch.Tensor:
-        """[N, b, 2b]: the local block causally, the sorted block whole except in block 0."""
-        local_RR = torch.ones(b, b, dtype=torch.bool, device=device).tril()
-        has_sorted_N = torch.arange(N, device=device) > 0
-        sorted_NRR = has_sorted_N[:, None, None].expand(N, b, b)
-        return torch.cat([local_RR.expand(N, b, b), sorted_NRR], dim=-1)
+    def _allowed(N: int, b: int, causal: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, b, b] masks of the own block (causal: lower triangle) and the sorted block
+        (causal: none in block 0, which has no earlier block)."""
+        full_NRR = torch.ones(1, 1, 1, dtype=torch.bool, device=device).expand(N, b, b)
+        if not causal:
+            return full_NRR, full_NRR
+        own_NRR = torch.ones(b, b, dtype=torch.bool, device=device).tril().expand(N, b, b)
+        sorted_N11 = (torch.arange(N, device=device) > 0)[:, None, None]
+        return own_NRR, sorted_N11.expand(N, b, b)
 
     def _block(self, L: int) -> int:
         b = self.options.block
