@@ -60,10 +60,10 @@ def _chunk_top_k(
 
 
 def _rows(idx_BHCk: torch.Tensor, S: int) -> torch.Tensor:
-    """The kept indices as rows of x.reshape(B * H * S, -1): [B * H * C * k]."""
+    """The kept indices as rows of x.reshape(B * H * S, K): [B * H * C * k]."""
     B, H = idx_BHCk.shape[:2]
-    off_BH11 = (torch.arange(B * H, device=idx_BHCk.device) * S).view(B, H, 1, 1)
-    return (idx_BHCk + off_BH11).reshape(-1)
+    off_BH11 = torch.arange(B * H, device=idx_BHCk.device, dtype=idx_BHCk.dtype) * S
+    return (idx_BHCk + off_BH11.view(B, H, 1, 1)).reshape(-1)
 
 
 class _TopKAttention(torch.autograd.Function):
@@ -71,29 +71,32 @@ class _TopKAttention(torch.autograd.Function):
 
     Kept keys are fetched with index_select over rows of [B * H * S, K] (whole rows copied,
     much faster on CPU than gather with an expanded index) and gradients added back with
-    index_add_; k and v travel together as one [.., 2K] row."""
+    index_add_. Outputs are written in place (no concatenation of chunks: no second copy),
+    indices kept as int32 where they fit."""
 
     @staticmethod
     def forward(ctx, q_BHLK, k_BHSK, v_BHSK, kk: int, chunk: int, causal: bool):
         (B, H, L, K), S = q_BHLK.shape, k_BHSK.shape[-2]
         # The softmax in fp32 at least (bf16 scores would round the weights coarsely).
         acc = torch.promote_types(q_BHLK.dtype, torch.float32)
+        index = torch.int32 if B * H * S < 2**31 else torch.int64
         v_XK = v_BHSK.reshape(B * H * S, K)
-        o_chunks, idx_chunks, p_chunks = [], [], []
+        o_BHLK = q_BHLK.new_empty(B, H, L, K)
+        idx_BHLk = torch.empty(B, H, L, kk, dtype=index, device=q_BHLK.device)
+        p_BHLk = q_BHLK.new_empty(B, H, L, kk)
         for start in range(0, L, chunk):
-            q_BHCK = q_BHLK[:, :, start : start + chunk]
+            sl = slice(start, start + chunk)
+            q_BHCK = q_BHLK[:, :, sl]
             C = q_BHCK.shape[-2]
             s_BHCk, idx_BHCk = _chunk_top_k(q_BHCK, k_BHSK, start, kk, causal)
-            p_BHCk = torch.softmax(s_BHCk.to(acc), dim=-1).to(q_BHLK.dtype)
-            v_BHCkK = v_XK.index_select(0, _rows(idx_BHCk, S)).view(B, H, C, kk, K)
-            o_chunks.append(torch.einsum("bhck,bhckd->bhcd", p_BHCk, v_BHCkK))
-            idx_chunks.append(idx_BHCk)
-            p_chunks.append(p_BHCk)
-        ctx.save_for_backward(
-            q_BHLK, k_BHSK, v_BHSK, torch.cat(idx_chunks, dim=2), torch.cat(p_chunks, dim=2)
-        )
+            idx_BHLk[:, :, sl] = idx_BHCk
+            p_BHCk = p_BHLk[:, :, sl]
+            p_BHCk.copy_(torch.softmax(s_BHCk.to(acc), dim=-1))
+            v_BHCkK = v_XK.index_select(0, _rows(idx_BHLk[:, :, sl], S)).view(B, H, C, kk, K)
+            o_BHLK[:, :, sl] = torch.einsum("bhck,bhckd->bhcd", p_BHCk, v_BHCkK)
+        ctx.save_for_backward(q_BHLK, k_BHSK, v_BHSK, idx_BHLk, p_BHLk)
         ctx.chunk = chunk
-        return torch.cat(o_chunks, dim=2)
+        return o_BHLK
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -101,18 +104,18 @@ class _TopKAttention(torch.autograd.Function):
         q_BHLK, k_BHSK, v_BHSK, idx_BHLk, p_BHLk = ctx.saved_tensors
         (B, H, L, K), S, kk = q_BHLK.shape, k_BHSK.shape[-2], idx_BHLk.shape[-1]
         scale = 1.0 / math.sqrt(K)
-        kv_XJ = torch.cat((k_BHSK, v_BHSK), dim=-1).reshape(B * H * S, 2 * K)
-        dkv_XJ = torch.zeros_like(kv_XJ)
+        k_XK, v_XK = k_BHSK.reshape(B * H * S, K), v_BHSK.reshape(B * H * S, K)
+        dk_XK, dv_XK = torch.zeros_like(k_XK), torch.zeros_like(v_XK)
         dq_BHLK = torch.empty_like(q_BHLK)
-        # The fetched [C, k, 2K] rows stay within a [query_chunk, S] tile's size.
+        # The fetched [C, k, K] rows of k and v stay within a [query_chunk, S] tile's size.
         chunk = max(1, min(ctx.chunk, ctx.chunk * S // (2 * kk * K)))
         for start in range(0, L, chunk):
             sl = slice(start, start + chunk)
             idx_BHCk, p_BHCk = idx_BHLk[:, :, sl], p_BHLk[:, :, sl]
             q_BHCK, do_BHCK = q_BHLK[:, :, sl], do_BHLK[:, :, sl]
             C, rows = q_BHCK.shape[-2], _rows(idx_BHCk, S)
-            kv_BHCkJ = kv_XJ.index_select(0, rows).view(B, H, C, kk, 2 * K)
-            k_BHCkK, v_BHCkK = kv_BHCkJ[..., :K], kv_BHCkJ[..., K:]
+            k_BHCkK = k_XK.index_select(0, rows).view(B, H, C, kk, K)
+            v_BHCkK = v_XK.index_select(0, rows).view(B, H, C, kk, K)
             # o = sum_j p_j v_j, p = softmax(s): ds_j = p_j (do.v_j - do.o)
             dp_BHCk = torch.einsum("bhckd,bhcd->bhck", v_BHCkK, do_BHCK)
             ds_BHCk = p_BHCk * (dp_BHCk - (p_BHCk * dp_BHCk).sum(-1, keepdim=True)) * scale
@@ -120,9 +123,9 @@ class _TopKAttention(torch.autograd.Function):
             # The fetched rows are no longer needed: overwrite them with the grads to add.
             torch.mul(ds_BHCk.unsqueeze(-1), q_BHCK.unsqueeze(-2), out=k_BHCkK)
             torch.mul(p_BHCk.unsqueeze(-1), do_BHCK.unsqueeze(-2), out=v_BHCkK)
-            dkv_XJ.index_add_(0, rows, kv_BHCkJ.view(-1, 2 * K))
-        dkv_BHSJ = dkv_XJ.view(B, H, S, 2 * K)
-        return dq_BHLK, dkv_BHSJ[..., :K], dkv_BHSJ[..., K:], None, None, None
+            dk_XK.index_add_(0, rows, k_BHCkK.view(-1, K))
+            dv_XK.index_add_(0, rows, v_BHCkK.view(-1, K))
+        return dq_BHLK, dk_XK.view(B, H, S, K), dv_XK.view(B, H, S, K), None, None, None
 
 
 @register
