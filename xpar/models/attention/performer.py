@@ -8,7 +8,8 @@ The sums are kernelized.py's (causal: chunked prefix sums).
 
 Numerical stabilisation, as the reference implementation: before exp, each query row
 subtracts its own max over features and the keys subtract one max over (positions,
-features) per head, both detached. Both shifts cancel exactly between the numerator and the
+features) per head, both detached (a query's exp(-|x|^2/2), one factor per row, is left
+to the shift as well). Both shifts cancel exactly between the numerator and the
 normaliser; eps is shifted with them, so it is added in the kernel's own scale and the
 output stays an exact function of the keys at j <= i (a future key moves the key max, but
 the result only by rounding).
@@ -84,20 +85,23 @@ def draw_features(n_features: int, head_dim: int, seed: int, draw: int) -> torch
 def favor_features(
     x_BHLK: torch.Tensor, w_MK: torch.Tensor, is_query: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(phi_BHLM, shift): exp(w^T x - |x|^2/2 - shift) / sqrt(m) with x = input * K^-1/4; the
-    detached shift is the max exponent of the row (queries, [B, H, L, 1]) or of the head
-    (keys, [B, H, 1, 1])."""
+    """(phi_BHLM, shift): phi(x) = exp(w^T x - |x|^2/2) / sqrt(m), x = input * K^-1/4, as
+    exp(-shift) phi(x) with shift the max exponent of the row (queries, [B, H, L, 1]) or of
+    the head (keys, [B, H, 1, 1]); the max is detached, the shift keeps |x|^2's gradient
+    (for the eps term). A query's factor exp(-|x|^2/2) is one number per row, which the
+    normalisation cancels: it lives in the shift only, so no [L, m] pass computes its
+    gradient."""
     x_BHLK = x_BHLK * x_BHLK.shape[-1] ** -0.25
     half_sq_BHL1 = (x_BHLK * x_BHLK).sum(-1, keepdim=True) / 2
     e_BHLM = x_BHLK @ w_MK.T
-    # max over features of w^T x - |x|^2/2 (the norm is one number per row)
-    shift = e_BHLM.detach().amax(dim=-1, keepdim=True) - half_sq_BHL1.detach()
-    if not is_query:
-        shift = shift.amax(dim=-2, keepdim=True)
-    # exp(w^T x - |x|^2/2 - shift) / sqrt(m), in place on the product (its backward keeps
-    # the inputs, not the output): one pass over the [L, m] features.
-    bias_BHL1 = half_sq_BHL1 + (shift + 0.5 * math.log(w_MK.shape[0]))
-    return e_BHLM.sub_(bias_BHL1).exp_(), shift
+    top_BHL1 = e_BHLM.detach().amax(dim=-1, keepdim=True)
+    shift = top_BHL1 - half_sq_BHL1
+    log_sqrt_m = 0.5 * math.log(w_MK.shape[0])
+    # In place on the product (its backward keeps the inputs, not the output): one pass.
+    if is_query:
+        return e_BHLM.sub_(top_BHL1 + log_sqrt_m).exp_(), shift
+    shift = shift.detach().amax(dim=-2, keepdim=True)
+    return e_BHLM.sub_(half_sq_BHL1 + (shift + log_sqrt_m)).exp_(), shift
 
 
 @register
