@@ -53,6 +53,10 @@ def test_quick_runs_every_registered_variant_against_dense(tmp_path):
     if any(not get_attention(n).causal_ok for n in attention_names()):
         assert tables["non-causal"]["causal"] is False
     assert "| dense | " in p.stdout and "speed-up" in p.stdout
+    # --report prints the same table again from the JSON alone
+    again = A.format_result(A.from_json(json.loads(out.read_text())))
+    table_lines = [x for x in p.stdout.splitlines() if x.startswith("| ")]
+    assert table_lines == [x for x in again.splitlines() if x.startswith("| ")]
 
 
 def _table(rows: dict, name: str = "causal") -> dict:

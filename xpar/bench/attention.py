@@ -3,6 +3,7 @@
     python -m xpar.bench attention [--lengths 1024,2048,4096,8192,16384] [--repeats 3]
     python -m xpar.bench attention --quick          (L = 256, 512; one round: the test's run)
     python -m xpar.bench attention --model          (the experiment=tiny model, L = 256..2048)
+    python -m xpar.bench attention --report outputs/bench/attention.json   (reprint, replot)
     python -m xpar.bench attention --help           (every option)
 
 What is measured: ONE attention layer (B=1, 8 heads, head dim 64; fp32 on CPU, bf16 with
@@ -13,7 +14,10 @@ MoETransformer with each attention instead (fwd+bwd of one batch of LM loss).
 
 Tables: by default a causal (decoder) table of every variant that can be causal, and a
 non-causal (encoder) table of the variants that cannot (linformer), each against dense run
-the same way; --non-causal runs every variant non-causal in one table.
+the same way; --non-causal runs every variant non-causal in one table. Dense is SDPA: on CPU
+torch picks its flash-attention kernel for fp32 too (no L x L score matrix, O(L) memory, the
+causal half skipped), so dense's memory is linear in L here and the memory targets are held
+to that; the header also gives what an L x L score matrix would hold.
 
 Method: every (variant, L) measurement runs in a fresh process (forked from a server that
 imported torch and xpar once, so each starts at the same memory), in interleaved rounds:
@@ -23,7 +27,10 @@ the one sample: first-call costs are noise at that size). Peak memory is the ris
 process's peak RSS (ru_maxrss, its high-water mark reset when the inputs are allocated) over
 those steps on CPU, torch.cuda.max_memory_allocated above the inputs on CUDA. A measurement
 predicted (from the smaller L) to exceed --max-mem-gb or --max-step-s is skipped and the table
-says so; the process also runs under an address-space limit of --max-mem-gb beyond its start.
+says so (dense is only ever skipped for memory: it is every ratio's 1.00); the process also
+runs under an address-space limit of --max-mem-gb beyond its start. Sub-quadratic is what the
+class declares: a `subquadratic` class flag, else its flops_per_token growing slower than
+L^0.9 per token (SUBQUADRATIC_GROWTH).
 
 Printed, like Long Range Arena's efficiency table: per variant and L the time (ms) and
 speed-up dense/variant, peak memory (MB) and variant/dense, the growth per doubling of L, the
@@ -741,6 +748,10 @@ def _judge_memory(name, table, cells, dense, at) -> dict:
 # --------------------------------------------------------------------------- output
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / _GB:.1f} GB" if nbytes >= _GB else f"{nbytes / 2**20:.1f} MB"
+
+
 def _k(L: int) -> str:
     return f"{L // 1024}k" if L % 1024 == 0 else str(L)
 
@@ -761,6 +772,14 @@ def format_result(result: dict) -> str:
         + ", ".join(f"{x:.2f}" for x in result["load_after"]),
         f"dense = SDPA, here {result['sdpa_kernel']}",
     ]
+    if result["kind"] == "layer":
+        top = max(lengths)
+        nbytes = {"fp32": 4, "bf16": 2}[result["dtype"]]
+        held = get_attention(DENSE).memory_per_token(top, HEADS, None) * top * BATCH * nbytes
+        lines.append(
+            f"dense's declared scores (H x L x L, what SDPA's math path holds): "
+            f"{_size(held)} at L={top}; the measured peak below is what this kernel holds"
+        )
     if result.get("peak_flops"):
         lines.append(
             f"peak: {result['peak_flops'] / 1e9:.1f} GFLOP/s ({result['peak_flops_source']})"
@@ -875,6 +894,15 @@ def to_json(result: dict) -> dict:
         return x
 
     return conv(result)
+
+
+def from_json(data: dict) -> dict:
+    """A result read back from its JSON: length keys as integers again (for --report)."""
+    for table in data["tables"]:
+        for v in table["variants"].values():
+            for key in ("cells", "options", "refused", "flops_per_token"):
+                v[key] = {int(L): x for L, x in v.get(key, {}).items()}
+    return data
 
 
 def write_plot(result: dict, path: Path) -> Path | None:
@@ -993,6 +1021,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="outputs/bench/attention.json",
                     help="the JSON written (the plot: same name, .png) "
                     "(default: outputs/bench/attention.json)")  # fmt: skip
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="measure nothing: print the table of an earlier run's JSON and write "
+                    "its plot beside it")  # fmt: skip
     ap.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                     help="import MODULE first: a module of your own that registers more "
                     "attention variants (repeatable)")  # fmt: skip
@@ -1002,6 +1033,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.report:
+        result = from_json(json.loads(Path(args.report).read_text()))
+        print(format_result(result), flush=True)
+        png = write_plot(result, Path(args.report).with_suffix(".png"))
+        print(f"written: {png}" if png else "", flush=True)
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"{PROG}: --device cuda but torch sees no GPU; use --device cpu", file=sys.stderr)
         raise SystemExit(2)
