@@ -301,7 +301,8 @@ class LSHAttention(Attention):
                 block=max(1, self.scores_per_block // (S * c * (c if C == 1 else 2 * c))),
             )
         o_XK = _LSHCore.apply(q_SPK.reshape(S * P, K), v_SPK.reshape(S * P, K), plan)
-        return o_XK.view(B, H, P, K)[:, :, :L].to(dtype)
+        o_BHPK = o_XK.view(B, H, P, K)
+        return (o_BHPK[:, :, :L] if P > L else o_BHPK).to(dtype)
 
     @classmethod
     def check(cls, model_cfg, prefix: str) -> None:
