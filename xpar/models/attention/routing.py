@@ -37,8 +37,10 @@ query in no cluster gets its local attention alone. With n_clusters=1 and window
 query sees every (allowed) key once: dense attention exactly.
 
 Cost: a cluster holds w x w scores; with C clusters that is C w^2 ~ L^2 / C per head (the
-paper takes C ~ sqrt(L)); the local part is a block of window keys before/after each query.
-No L x L tensor is built unless n_clusters=1.
+paper takes C ~ sqrt(L)), so at a fixed n_clusters the cost per token still grows like L;
+the local part is a block of window keys before/after each query. Scores are not kept for
+backward (block_softmax recomputes them chunk by chunk); the clusters' bool masks are. No
+L x L tensor is built unless n_clusters=1.
 
 Shape suffixes: B batch, H heads, L sequence, K head dim, C clusters, W cluster capacity,
 N tokens routed per head.

@@ -16,7 +16,8 @@ read later blocks) and each round ends with the row normalisation (see sinkhorn_
 would hold its later tokens), and the local block is causally masked.
 
 Cost: 2 * block keys per query plus the block mixing (nb^2 block K per head, nb = L /
-block). No L x L tensor is built unless block = L.
+block: it grows like L per token and dominates once L > 2 block^2). Scores are not kept for
+backward (block_softmax recomputes them). No L x L tensor is built unless block = L.
 
 Shape suffixes: B batch, H heads, L sequence, K head dim, N blocks, R queries in a block,
 T keys of a block's attention (2 * block), I/J blocks of the sorting matrix.
