@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from xpar.models.attention import attention_names, get_attention
 from xpar.models.config import ModelConfig
 from xpar.models.cost import (
     active_params,
@@ -65,6 +66,15 @@ def test_param_counts_match_built_model(name):
         assert active == total
     else:
         assert active < total
+
+
+@pytest.mark.parametrize("attention", attention_names())
+def test_every_attention_variants_own_parameters_are_counted(attention):
+    from tests.models.attention.test_every_attention import _cfg
+
+    model_cfg, moe_cfg = _cfg(attention, causal=get_attention(attention).causal_ok)
+    model = MoETransformer(model_cfg, moe_cfg, ep_group="local")
+    assert model_cost(model_cfg, moe_cfg, seq_len=16).total_params == real_counts(model)[0]
 
 
 def test_tied_embeddings_counted_once():

@@ -72,7 +72,9 @@ def model_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> Mode
     n_dense = N - n_moe
 
     kv_dim = model_cfg.kv_heads * model_cfg.head_dim
-    attention = N * (2 * D * D + 2 * D * kv_dim)
+    kernel = get_attention(model_cfg.attention)
+    own = kernel.num_params(model_cfg.n_heads, model_cfg.head_dim, model_cfg.attention_opts())
+    attention = N * (2 * D * D + 2 * D * kv_dim + own)
     norms = N * 2 * D + D
     dense_ffn = n_dense * _mats(model_cfg.activation) * D * model_cfg.d_ff
     per_expert = _mats(moe_cfg.activation) * D * moe_cfg.d_ff
@@ -91,7 +93,6 @@ def model_cost(model_cfg: ModelConfig, moe_cfg: MoEConfig, seq_len: int) -> Mode
     # The lookup table is no matmul; the LM head is one, even when it shares that table.
     matmul_active = active - norms - (embedding + lm_head) + V * D
 
-    kernel = get_attention(model_cfg.attention)
     attn_flops = N * kernel.flops_per_token(seq_len, D, model_cfg.attention_opts())
     fwd = 2 * matmul_active + attn_flops
     return ModelCost(

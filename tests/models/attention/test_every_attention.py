@@ -33,8 +33,18 @@ from xpar.testing import run_distributed
 
 L, V = 64, 48
 CONF = Path(__file__).resolve().parents[3] / "conf" / "attention"
-# Options for L = 64 where a variant's default would not fit (block sizes, windows).
-SMALL: dict[str, dict] = {"linformer": {"proj_len": 16, "max_len": L}}
+# Options for L = 64 that keep each variant sparse (its defaults would cover all 64 keys).
+SMALL: dict[str, dict] = {
+    "linformer": {"proj_len": 16, "max_len": L},
+    "sliding_window": {"window": 16},
+    "strided": {"stride": 8},
+    "topk": {"k": 16, "query_chunk": 16},
+    "lsh": {"n_hashes": 2, "n_buckets": 4, "chunk_len": 16},
+    "linear": {"chunk": 16},
+    "performer": {"n_features": 32, "chunk": 16},
+    "routing": {"n_clusters": 4, "window": 8},
+    "sinkhorn": {"block": 16},
+}
 
 
 def options(name: str) -> dict:

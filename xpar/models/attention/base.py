@@ -41,6 +41,12 @@ class Attention(nn.Module):
         """Config checks that only this variant needs (raise XparConfigError)."""
 
     @classmethod
+    def num_params(cls, n_heads: int, head_dim: int, options: object) -> int:
+        """Parameters of the variant's own (learned projections, a sorting network), per
+        layer, beside the shared projections: counted by the cost report."""
+        return 0
+
+    @classmethod
     def flops_per_token(cls, seq_len: int, d_model: int, options: object) -> float:
         """Forward FLOPs per token per layer of the score and value products."""
         raise NotImplementedError

@@ -148,6 +148,10 @@ class LinformerAttention(Attention):
             )
 
     @classmethod
+    def num_params(cls, n_heads: int, head_dim: int, options: LinformerOptions) -> int:
+        return 2 * options.proj_len * options.max_len  # E and F
+
+    @classmethod
     def flops_per_token(cls, seq_len: int, d_model: int, options: LinformerOptions) -> float:
         # E K and F V (2 P D per token each), then QK'^T and AV' over P rows (2 P D each).
         return 4 * 2 * options.proj_len * d_model

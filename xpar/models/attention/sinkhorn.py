@@ -157,6 +157,10 @@ class SinkhornAttention(Attention):
             )
 
     @classmethod
+    def num_params(cls, n_heads: int, head_dim: int, options: object) -> int:
+        return n_heads * head_dim * head_dim  # the sorting network's sort_HKK
+
+    @classmethod
     def flops_per_token(cls, seq_len: int, d_model: int, options: SinkhornOptions) -> float:
         # QK^T and AV over 2 * block keys, and mixing the N key and value blocks into the
         # sorted ones (N multiply-adds per element of each); the sorting scores (N^2 K per
