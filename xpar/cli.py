@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("xpar.infer.evaluate", "loss, perplexity and expert load on local files"),
     "export": ("xpar.interop.export", "write a checkpoint as a Hugging Face model"),
     "import": ("xpar.interop.hf_import", "read a Hugging Face MoE model into a checkpoint"),
-    "bench": ("xpar.bench.__main__", "run a benchmark (moe under torchrun, quality, startup)"),
+    "bench": (
+        "xpar.bench.__main__",
+        "run a benchmark (moe under torchrun, attention, quality, startup)",
+    ),
 }
 
 
