@@ -7,8 +7,7 @@ sharded)."""
 import pytest
 import torch
 
-from tests.fixtures import golden
-from tests.train.test_router_state_resume import COMMON, _losses
+from tests.train.test_router_state_resume import crash_and_resume
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +21,7 @@ pytestmark = pytest.mark.slow
     ids=["performer_redraws", "routing_centroids"],
 )
 def test_attention_state_resumes_bitwise(tmp_path, attention, buffer):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    golden.torchrun(straight, COMMON + attention)
-    p = golden.torchrun(
-        broken, COMMON + attention, env={"XPAR_TEST_CRASH_AFTER_STEP": "5"}, check=False
-    )
-    assert p.returncode != 0
-    golden.torchrun(broken, COMMON + attention + ["train.resume=auto"])
-    want = dict(_losses(straight))
-    got = _losses(broken)
-    assert [s for s, _ in got] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
-    assert {s: v for s, v in got[5:]} == {s: want[s] for s in (5, 6, 7, 8)}
+    straight = crash_and_resume(tmp_path, attention)
     step4 = straight / "checkpoints" / "step_00000004"
     (state,) = [torch.load(f, weights_only=False)["module"] for f in step4.glob("rank00000.pt")]
-    keys = [k for k in state if k.endswith(buffer)]
-    assert keys, f"no {buffer} saved"
+    assert [k for k in state if k.endswith(buffer)], f"no {buffer} saved"

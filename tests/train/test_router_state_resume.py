@@ -34,18 +34,26 @@ def _losses(out_dir):
     ],
     ids=["hash_balanced", "aux_free_bias"],
 )
-def test_router_state_resumes_bitwise(tmp_path, router, buffer):
+def crash_and_resume(tmp_path: Path, overrides: list[str]) -> Path:
+    """8 steps straight, and 8 steps killed after step 5 and resumed from step 4's
+    checkpoint: the resumed steps' losses are bitwise the straight run's. The straight
+    run's directory."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    golden.torchrun(straight, COMMON + router)
+    golden.torchrun(straight, COMMON + overrides)
     p = golden.torchrun(
-        broken, COMMON + router, env={"XPAR_TEST_CRASH_AFTER_STEP": "5"}, check=False
+        broken, COMMON + overrides, env={"XPAR_TEST_CRASH_AFTER_STEP": "5"}, check=False
     )
     assert p.returncode != 0
-    golden.torchrun(broken, COMMON + router + ["train.resume=auto"])
+    golden.torchrun(broken, COMMON + overrides + ["train.resume=auto"])
     want = dict(_losses(straight))
     got = _losses(broken)
     assert [s for s, _ in got] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
     assert {s: v for s, v in got[5:]} == {s: want[s] for s in (5, 6, 7, 8)}
+    return straight
+
+
+def test_router_state_resumes_bitwise(tmp_path, router, buffer):
+    straight = crash_and_resume(tmp_path, router)
     # The state is in the checkpoint, equal on both ranks, and not its initial value.
     step4 = straight / "checkpoints" / "step_00000004"
     states = [torch.load(f, weights_only=False)["module"] for f in sorted(step4.glob("rank*.pt"))]

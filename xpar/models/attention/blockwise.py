@@ -335,3 +335,21 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tens
     for o_BHLK, lse in parts:
         out = out + torch.exp(lse - lse_BHL)[..., None].to(o_BHLK.dtype) * o_BHLK
     return out
+
+
+class KeySetCost:
+    """The cost of a variant that scores keys_per_query(seq_len, options) keys per query:
+    QK^T and AV over those keys, the scores held a chunk at a time (the backward recomputes
+    them). Mixed into such a variant before Attention."""
+
+    @classmethod
+    def keys_per_query(cls, seq_len: int, options: object) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def flops_per_token(cls, seq_len: int, d_model: int, options: object) -> float:
+        return 2 * 2 * cls.keys_per_query(seq_len, options) * d_model
+
+    @classmethod
+    def memory_per_token(cls, seq_len: int, n_heads: int, options: object) -> float:
+        return n_heads * cls.keys_per_query(seq_len, options)

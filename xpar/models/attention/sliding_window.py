@@ -31,6 +31,7 @@ from xpar.config.checks import bad, is_int
 from xpar.models.attention import Attention, register
 from xpar.models.attention.blockwise import (
     Gathered,
+    KeySetCost,
     Shared,
     blockwise_attention,
     merge_partials,
@@ -82,7 +83,7 @@ def random_index(L: int, n_heads: int, options: SlidingWindowOptions) -> torch.T
 
 
 @register
-class SlidingWindowAttention(Attention):
+class SlidingWindowAttention(KeySetCost, Attention):
     name = "sliding_window"
     Options = SlidingWindowOptions
 
@@ -135,21 +136,11 @@ class SlidingWindowAttention(Attention):
     def keys_per_query(cls, seq_len: int, options: SlidingWindowOptions) -> int:
         """Scores computed per query: the band tile (R + 1 key blocks causal, 2R + 1 with
         global or random keys, which are non-causal), the global and random columns, and
-        the global rows' L keys spread over the L tokens."""
+        the global rows' L keys spread over the L tokens. The contract gives no causal flag:
+        without global/random keys this counts the causal tile, w + 64 keys, where a
+        non-causal run computes 2w + 64."""
         g, r = options.global_tokens, options.random_keys
         return window_tile(options.window, seq_len, causal=not (g or r)) + 2 * g + r
-
-    @classmethod
-    def flops_per_token(cls, seq_len: int, d_model: int, options: object) -> float:
-        # QK^T and AV over the computed tiles (the contract gives no causal flag: without
-        # global/random keys this counts the causal tile, w + 64 keys; non-causal computes
-        # 2w + 64).
-        return 2 * 2 * cls.keys_per_query(seq_len, options) * d_model
-
-    @classmethod
-    def memory_per_token(cls, seq_len: int, n_heads: int, options: object) -> float:
-        # Scores per token, held a chunk at a time (the backward recomputes them).
-        return n_heads * cls.keys_per_query(seq_len, options)
 
 
 __all__ = ["SlidingWindowAttention", "SlidingWindowOptions", "random_index"]

@@ -33,6 +33,7 @@ from xpar.models.attention import Attention, register
 from xpar.models.attention.blockwise import (
     MAX_BLOCK,
     Band,
+    KeySetCost,
     Shared,
     blockwise_attention,
     merge_partials,
@@ -123,7 +124,7 @@ def _fixed_summary(q_BHLK, k_BHLK, v_BHLK, stride: int, c: int, causal: bool):
 
 
 @register
-class StridedAttention(Attention):
+class StridedAttention(KeySetCost, Attention):
     name = "strided"
     Options = StridedOptions
 
@@ -148,12 +149,3 @@ class StridedAttention(Attention):
         if options.pattern == "strided":
             return window_tile(s, seq_len, causal=True) + n_blocks
         return min(s, seq_len) + n_blocks * options.c
-
-    @classmethod
-    def flops_per_token(cls, seq_len: int, d_model: int, options: object) -> float:
-        return 2 * 2 * cls.keys_per_query(seq_len, options) * d_model
-
-    @classmethod
-    def memory_per_token(cls, seq_len: int, n_heads: int, options: object) -> float:
-        # Scores per token, held a chunk at a time (the backward recomputes them).
-        return n_heads * cls.keys_per_query(seq_len, options)
