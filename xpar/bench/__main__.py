@@ -67,6 +67,9 @@ def split(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from xpar.train.launcher import die_with_launcher
+
+    die_with_launcher()  # a killed torchrun takes its benchmark ranks with it, as the trainer's
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"]):
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one help, not one per rank
