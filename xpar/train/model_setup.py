@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from xpar.models.classifier import SequenceClassifier, describe_load, load_backbone_state
+from xpar.models.config import moe_block_ids
 from xpar.moe import MoELayer
 from xpar.train import init_source, saved_model, teacher, upcycle
 from xpar.train.init_source import InitSource
@@ -47,7 +48,7 @@ def init_from(model, source: InitSource, groups, record: dict, moe_cfg, seed: in
 
 
 def _upcycled(lm, dense: dict, moe_cfg, seed: int, source, rank: int) -> dict:
-    layers = [i for i, b in enumerate(lm.blocks) if b.is_moe]
+    layers = moe_block_ids(lm.model_cfg, lm.moe_cfg)  # the model's own rule
     state, fresh = upcycle.upcycled_state(
         dense, lm.state_dict(), layers, moe_cfg.num_experts, moe_cfg.upcycle_noise, seed
     )
