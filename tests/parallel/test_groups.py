@@ -43,15 +43,18 @@ def test_ep_size_must_divide_world():
 
 
 def _groups_and_registry(rank, world):
-    import deepspeed
     from deepspeed.utils import groups as dsg
 
-    from xpar.parallel.deepspeed import register_groups
+    from xpar.parallel.deepspeed import init_comm, register_groups
     from xpar.parallel.groups import init_parallel
 
     out = {}
     # DeepSpeed's own layout for ep_size=2, built before ours under the same name
-    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+    init_comm("gloo")
+    from deepspeed.comm import comm as dscomm
+
+    # DeepSpeed's shm op is not built: on a fresh machine 4 ranks building it at once hang
+    out["shm_op"] = dscomm.cdb.shm_comm_op
     dsg._create_expert_and_data_parallel(2)
     out["ds_layout"] = (
         list(dsg._get_expert_parallel_group_ranks("ep_size_2")),
@@ -90,6 +93,7 @@ def _groups_and_registry(rank, world):
 def test_groups_match_layout_and_deepspeed_registry():
     results = run_distributed(_groups_and_registry, 4)
     for rank, out in enumerate(results):
+        assert out["shm_op"] is None
         # our layout is DeepSpeed's (E + D, legacy path)
         assert out["ds_layout"] == (out[2]["ep_ranks"], out[2]["edp_ranks"])
         for ep in (1, 2, 4):

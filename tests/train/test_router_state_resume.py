@@ -26,14 +26,6 @@ def _losses(out_dir):
     return [(r["step"], r["loss"]) for r in rows]
 
 
-@pytest.mark.parametrize(
-    "router,buffer",
-    [
-        (["moe=hash"], "table_VK"),
-        (["+moe.router_options.bias_update_rate=0.01"], "expert_bias_E"),
-    ],
-    ids=["hash_balanced", "aux_free_bias"],
-)
 def crash_and_resume(tmp_path: Path, overrides: list[str]) -> Path:
     """8 steps straight, and 8 steps killed after step 5 and resumed from step 4's
     checkpoint: the resumed steps' losses are bitwise the straight run's. The straight
@@ -52,6 +44,14 @@ def crash_and_resume(tmp_path: Path, overrides: list[str]) -> Path:
     return straight
 
 
+@pytest.mark.parametrize(
+    "router,buffer",
+    [
+        (["moe=hash"], "table_VK"),
+        (["+moe.router_options.bias_update_rate=0.01"], "expert_bias_E"),
+    ],
+    ids=["hash_balanced", "aux_free_bias"],
+)
 def test_router_state_resumes_bitwise(tmp_path, router, buffer):
     straight = crash_and_resume(tmp_path, router)
     # The state is in the checkpoint, equal on both ranks, and not its initial value.

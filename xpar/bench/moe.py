@@ -194,13 +194,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    import deepspeed
+    from xpar.parallel.deepspeed import init_comm
 
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    init_comm(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     rows = args.rows

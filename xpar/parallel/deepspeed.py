@@ -104,6 +104,16 @@ def _without_shm_op() -> Iterator[None]:
         _ds_comm_torch.build_shm_op = build
 
 
+def init_comm(backend: str) -> None:
+    """deepspeed.init_distributed without the shared-memory op (see _without_shm_op).
+
+    Every caller of DeepSpeed's comm goes through here: ranks that JIT-build that op at
+    once on a fresh machine wait on one lock for minutes (a killed build leaves the lock,
+    and every later run waits on it for good)."""
+    with _without_shm_op():
+        deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+
+
 # --------------------------------------------------------------------------- groups
 
 
@@ -113,8 +123,7 @@ def register_groups(groups: ParallelGroups) -> None:
     If DeepSpeed already has groups under that name (e.g. created by its own MoE
     layer), they must have our rank layout; then ours replace nothing.
     """
-    with _without_shm_op():
-        deepspeed.init_distributed(dist_backend=groups.backend, dist_init_required=False)
+    init_comm(groups.backend)
     name = groups.expert_group_name
     have = _ds_groups._get_expert_parallel_group_dict()
     if name in have:
