@@ -215,6 +215,7 @@ class TrainConfig:
     every rank; this many in a row (or this many with a loss above max_loss) stop the run.
     print_config: print the resolved config (it always goes to a file and to W&B).
     verbose: let third-party libraries' messages through to the console.
+    compile: torch.compile the model's non-MoE parts (attention, dense FFN, norms, head).
     """
 
     steps: int = 200  # optimizer steps to train to
@@ -237,6 +238,7 @@ class TrainConfig:
     verbose: bool = False
     max_bad_steps: int = 3  # consecutive non-finite or diverged steps before the run stops
     max_loss: float = 0.0  # a loss above this is a diverged step; 0 = 4 x ln(vocab size)
+    compile: bool = False
     # A frozen teacher's soft targets in the loss (teacher "" = off).
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -263,7 +265,7 @@ class TrainConfig:
         need_int(prefix, self, "seed", 0, "use an integer seed >= 0")
         if not isinstance(self.out_dir, str) or not self.out_dir.strip():
             raise bad(prefix, "out_dir", self.out_dir, "name an output directory, e.g. outputs/x")
-        for name in ("deterministic", "overwrite", "noop_ok", "print_config", "verbose"):
+        for name in ("deterministic", "overwrite", "noop_ok", "print_config", "verbose", "compile"):
             need_bool(prefix, self, name)
         need_number(prefix, self, "max_time_s", 0, "use seconds >= 0 (0 = no limit)")
         need_int(prefix, self, "max_bad_steps", 1, "stop after n >= 1 consecutive bad steps")

@@ -15,6 +15,15 @@ from xpar.config.checks import bad, build_options, is_number, need_bool, need_ch
 from xpar.moe.plan import DROP_POLICIES
 
 BALANCE_SCOPES = ("micro_batch", "global")
+# How the experts' GEMMs run: one per expert (loop), torch's grouped GEMM where the device
+# has one (grouped), one batched GEMM over experts padded to the longest (padded), or picked
+# by shape from the benchmark's measurements (auto).
+EXPERT_GEMMS = ("auto", "loop", "grouped", "padded")
+# How rows travel under expert parallel: counts first then rows (counts), a fixed-capacity
+# padded buffer in one exchange (padded, capacity routing only), or picked per call by size.
+EXCHANGES = ("auto", "counts", "padded")
+# What backward recomputes instead of keeping: nothing, the expert MLPs, or the whole block.
+RECOMPUTES = ("none", "experts", "block")
 
 
 @dataclass
@@ -56,6 +65,13 @@ class MoEConfig:
     # copy of the dense FFN (plus upcycle_noise x its std of Gaussian noise), routers fresh.
     upcycle: bool = False
     upcycle_noise: float = 0.0
+    # Performance (results identical to 1e-6 whatever is chosen; a checkpoint resumes under
+    # other values). comm_chunks: the routed rows travel in this many chunks, pipelined with
+    # the experts' compute (0: chosen by the benchmark's measurements, 1: no pipelining).
+    comm_chunks: int = 0
+    exchange: str = "auto"
+    expert_gemm: str = "auto"
+    recompute: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +95,10 @@ class MoEConfig:
         need_choice(prefix, self, "activation", ACTIVATIONS)
         need_bool(prefix, self, "dedup_dispatch")
         need_bool(prefix, self, "upcycle")
+        need_int(prefix, self, "comm_chunks", 0, "use 0 (chosen by measurement) or n >= 1")
+        need_choice(prefix, self, "exchange", EXCHANGES)
+        need_choice(prefix, self, "expert_gemm", EXPERT_GEMMS)
+        need_choice(prefix, self, "recompute", RECOMPUTES)
         for name in ("capacity_factor", "eval_capacity_factor"):
             cf = getattr(self, name)
             if cf is not None and (not is_number(cf) or not cf > 0 or math.isinf(cf)):

@@ -52,6 +52,11 @@ MAY_DIFFER = frozenset(
         "train.max_time_s",  # a budget for this invocation
         "train.print_config",  # the console
         "train.verbose",
+        "train.compile",
+        "moe.comm_chunks",  # how the same numbers are computed, not what is trained
+        "moe.exchange",
+        "moe.expert_gemm",
+        "moe.recompute",
         "train.max_bad_steps",  # when a failing run stops, not what a healthy one trains
         "train.max_loss",
         "parallel.timeout_s",  # how long a collective may wait
