@@ -1,8 +1,7 @@
 """Peak memory of one call, measured: what the allocator really held above the start.
 
 CUDA: torch.cuda's peak counter. CPU has no such counter, so the profiler records every
-allocation and free of the call and the peak is read off its memory timeline (the
-profiler's own memory model, the same one `export_memory_timeline` draws). Costs a few
+allocation and free of the call and the peak is read off their running sum. Costs a few
 times the call's own time; for benchmarks and the planner's check, not for training.
 """
 
@@ -28,14 +27,14 @@ def peak_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> 
 
 def _cpu_peak(fn: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-    if not sizes:
-        return 0
-    totals = [sum(s) for s in sizes]
-    return max(totals) - totals[0]
+    # Every allocation (+bytes) and free (-bytes) of the call, replayed in time order.
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak

@@ -1,19 +1,24 @@
 """MoE layer benchmark: xpar (capacity and dropless) vs DeepSpeed's MoE vs the bound.
 
-    torchrun --nproc-per-node 2 -m xpar.bench moe [--rounds 5] [--iters 3] [--device cuda --dtype bf16]
+    torchrun --nproc-per-node 2 -m xpar.bench moe [--rounds 5] [--iters 3] [--contended]
     python -m xpar.bench moe --help      (every option, and the rows)
 
 The bound is this rank's routed rows (T*k) pushed through ONE dense expert MLP
 as a single matrix: the expert FLOPs with no routing, permutation or
 communication. Candidates run interleaved in rounds in the same processes; the
-median forward+backward time per step is reported, with ratios.
+median forward+backward time per step is reported, with ratios and the targets'
+verdicts. --contended runs every row again while a process the benchmark starts burns
+one core (real clusters are never idle) and reports both tables. The peak memory of
+xpar's step is measured with and without moe.recompute=experts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +48,11 @@ ROWS = [
 ]
 CAPACITY_FACTOR = 1.25
 PROG = "python -m xpar.bench moe"
+# The issue's targets: xpar capacity / bound per row (the fine-grained row is the last),
+# DeepSpeed / xpar on every row, and xpar / bound on a machine with one core busy.
+BOUND_TARGET = (1.10, 1.10, 1.10, 1.25)
+DS_TARGET = 1.15
+CONTENDED_TARGET = 1.5
 
 
 class _DenseMLP(nn.Module):
@@ -67,13 +77,18 @@ class _DSExpert(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
+def _xpar_layer(row: Row, cf: float | None, device, dtype, **perf) -> MoELayer:
+    cfg = MoEConfig(
+        num_experts=row.E, top_k=row.k, d_ff=row.d_ff, capacity_factor=cf, activation="gelu",
+        **perf,
+    )  # fmt: skip
+    return MoELayer(row.d_model, cfg, ep_group=None).to(device=device, dtype=dtype)
+
+
 def _build(row: Row, world: int, device, dtype):
     cands = {}
     for name, cf in (("xpar_capacity", CAPACITY_FACTOR), ("xpar_dropless", None)):
-        cfg = MoEConfig(
-            num_experts=row.E, top_k=row.k, d_ff=row.d_ff, capacity_factor=cf, activation="gelu"
-        )
-        layer = MoELayer(row.d_model, cfg, ep_group=None).to(device=device, dtype=dtype)
+        layer = _xpar_layer(row, cf, device, dtype)
         cands[name] = lambda x, m=layer: m(x)[0]
     from deepspeed.moe.layer import MoE
 
@@ -94,11 +109,15 @@ def _build(row: Row, world: int, device, dtype):
     return cands
 
 
+def _step(fn, x) -> None:
+    x.grad = None
+    y = fn(x)
+    y.float().sum().backward()
+
+
 def _time(fn, x, iters: int, device) -> float:
     def step():
-        x.grad = None
-        y = fn(x)
-        y.float().sum().backward()
+        _step(fn, x)
 
     step()  # warm-up, also aligns the ranks
     if device.type == "cuda":
@@ -163,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="parameter and activation dtype (default: fp32)")  # fmt: skip
     ap.add_argument("--rows", type=_rows, default=ROWS, metavar="I,J,...",
                     help="comma-separated row numbers from the table below (default: all)")  # fmt: skip
+    ap.add_argument("--contended", action="store_true",
+                    help="also run every row while a process started by the benchmark burns "
+                    "one core, and report both tables (default: quiet only)")  # fmt: skip
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="skip the peak-memory measurement of xpar's step with and without "
+                    "moe.recompute=experts (it profiles one step per row)")  # fmt: skip
     return ap
 
 
@@ -206,44 +231,137 @@ def _run(args: argparse.Namespace) -> None:
     init_comm(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    rows = args.rows
-    order = ["xpar_capacity", "xpar_dropless", "deepspeed", "bound"]
-    table = []
-    for row in rows:
-        torch.manual_seed(1234 + rank)
-        cands = _build(row, world, device, dtype)
-        x = torch.randn(row.tokens, row.d_model, device=device, dtype=dtype, requires_grad=True)
-        times: dict[str, list[float]] = {n: [] for n in order}
-        for _ in range(args.rounds):
-            for n in order:
-                times[n].append(_time(cands[n], x, args.iters, device))
-        med = {n: statistics.median(v) for n, v in times.items()}
-        # Report the slowest rank: a step is only done when every rank is.
-        t = torch.tensor([med[n] for n in order], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        med = dict(zip(order, t.tolist(), strict=True))
-        table.append((row, med))
+    quiet = _measure(args, device, dtype, world)
+    memory = _memory(args.rows, device, dtype) if args.memory else None
+    contended = None
+    if args.contended:
+        with _burner(int(os.environ.get("LOCAL_RANK", rank)) == 0):
+            contended = _measure(args, device, dtype, world)
     if rank == 0:
-        print(_format(table, world, device, args.dtype), flush=True)
+        print(_format(quiet, world, device, args.dtype, memory=memory), flush=True)
+        if contended is not None:
+            print("\n" + _format(contended, world, device, args.dtype, busy=True), flush=True)
+        print("\n" + _verdicts(quiet, contended), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _format(table, world: int, device, dtype: str) -> str:
+ORDER = ["xpar_capacity", "xpar_dropless", "deepspeed", "bound"]
+
+
+def _measure(args: argparse.Namespace, device, dtype, world: int) -> list:
+    """[(row, {candidate: seconds})]: medians over rounds, the slowest rank's."""
+    rank, table = dist.get_rank(), []
+    for row in args.rows:
+        torch.manual_seed(1234 + rank)
+        cands = _build(row, world, device, dtype)
+        x = torch.randn(row.tokens, row.d_model, device=device, dtype=dtype, requires_grad=True)
+        times: dict[str, list[float]] = {n: [] for n in ORDER}
+        for _ in range(args.rounds):
+            for n in ORDER:
+                times[n].append(_time(cands[n], x, args.iters, device))
+        med = {n: statistics.median(v) for n, v in times.items()}
+        # Report the slowest rank: a step is only done when every rank is.
+        t = torch.tensor([med[n] for n in ORDER], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        table.append((row, dict(zip(ORDER, t.tolist(), strict=True))))
+    return table
+
+
+def _memory(rows: list[Row], device, dtype) -> dict:
+    """{row: (peak bytes, peak bytes with moe.recompute=experts)} of xpar's capacity step on
+    this rank, the larger over ranks."""
+    from xpar.bench.memory import peak_bytes
+
+    out = {}
+    for row in rows:
+        torch.manual_seed(1234 + dist.get_rank())
+        x = torch.randn(row.tokens, row.d_model, device=device, dtype=dtype, requires_grad=True)
+        peaks = []
+        for recompute in ("none", "experts"):
+            layer = _xpar_layer(row, CAPACITY_FACTOR, device, dtype, recompute=recompute)
+
+            def step(m=layer, x=x):
+                _step(lambda h: m(h)[0], x)
+
+            step()  # warm: the shape check's collective, lazily built state
+            # Free the warm step's gradients outside the profiled call, which counts their
+            # allocation again (and cannot see a free of what it never saw allocated).
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            peaks.append(peak_bytes(step, device))
+        t = torch.tensor(peaks, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out[id(row)] = tuple(int(v) for v in t.tolist())
+    return out
+
+
+@contextlib.contextmanager
+def _burner(start: bool):
+    """A process burning one core for the duration (started by one rank per machine)."""
+    proc = None
+    if start:
+        proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    dist.barrier()
+    try:
+        yield
+    finally:
+        dist.barrier()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
+def _verdicts(quiet: list, contended: list | None) -> str:
+    """One line per row: each target, met or not, with the figure."""
+    lines = ["Targets (xpar capacity mode):"]
+    busy = {id(r): m for r, m in (contended or [])}
+    for row, m in quiet:
+        i = next((j for j, r in enumerate(ROWS) if r == row), len(ROWS) - 1)
+        bound, cap, ds = m["bound"], m["xpar_capacity"], m["deepspeed"]
+        parts = [
+            _check(f"xpar/bound {cap / bound:.2f}x", cap / bound <= BOUND_TARGET[i],
+                   f"<= {BOUND_TARGET[i]:.2f}x"),
+            _check(f"DS/xpar {ds / cap:.2f}x", ds / cap >= DS_TARGET, f">= {DS_TARGET:.2f}x"),
+        ]  # fmt: skip
+        if id(row) in busy:
+            b = busy[id(row)]
+            r = b["xpar_capacity"] / b["bound"]
+            parts.append(_check(f"contended xpar/bound {r:.2f}x", r <= CONTENDED_TARGET,
+                                f"<= {CONTENDED_TARGET:.1f}x"))  # fmt: skip
+        lines.append(f"  E={row.E} k={row.k} tokens={row.tokens}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _check(figure: str, ok: bool, target: str) -> str:
+    return f"{figure} ({'met' if ok else 'NOT met'}, target {target})"
+
+
+def _format(
+    table, world: int, device, dtype: str, busy: bool = False, memory: dict | None = None
+) -> str:
     thr = torch.get_num_threads()
+    state = "one core busy (--contended)" if busy else "quiet"
+    mem_head = " peak MB | peak MB recompute=experts |" if memory else ""
     lines = [
         f"MoE layer fwd+bwd, {world} ranks, EP={world}, {device.type} {dtype}, "
-        f"{thr} thread(s)/rank, capacity_factor={CAPACITY_FACTOR} (capacity rows), median of rounds",
+        f"{thr} thread(s)/rank, capacity_factor={CAPACITY_FACTOR} (capacity rows), "
+        f"median of rounds, {state}",
         "",
         "| E | k | d_model | d_ff | tokens/rank | xpar cap ms | xpar dropless ms | DeepSpeed ms "
-        "| bound ms | xpar cap tok/s | DS tok/s | DS/xpar cap | xpar cap/bound | xpar dropless/bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bound ms | xpar cap tok/s | DS tok/s | DS/xpar cap | xpar cap/bound | "
+        f"xpar dropless/bound |{mem_head}",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * bool(memory)),
     ]
     for row, m in table:
         cap, dl, ds, bd = (m["xpar_capacity"], m["xpar_dropless"], m["deepspeed"], m["bound"])
+        mem = ""
+        if memory:
+            none, experts = memory[id(row)]
+            mem = f" {none / 2**20:.1f} | {experts / 2**20:.1f} |"
         lines.append(
             f"| {row.E} | {row.k} | {row.d_model} | {row.d_ff} | {row.tokens} | {cap * 1e3:.1f} | "
             f"{dl * 1e3:.1f} | {ds * 1e3:.1f} | {bd * 1e3:.1f} | {row.tokens / cap:,.0f} | "
-            f"{row.tokens / ds:,.0f} | {ds / cap:.2f}x | {cap / bd:.2f}x | {dl / bd:.2f}x |"
+            f"{row.tokens / ds:,.0f} | {ds / cap:.2f}x | {cap / bd:.2f}x | {dl / bd:.2f}x |{mem}"
         )
     return "\n".join(lines)
