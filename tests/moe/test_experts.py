@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from xpar.moe.experts import GroupedExperts, _GroupedMLP, expert_mlp
+from xpar.moe.expert_gemm import ExpertMLP, How
+from xpar.moe.experts import GroupedExperts, expert_mlp
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "squared_relu", "swiglu"])
@@ -16,7 +17,7 @@ def test_grouped_mlp_gradcheck_float64(activation):
     use_w3 = activation == "swiglu"
 
     def f(x, w1, w2, w3):
-        return _GroupedMLP.apply(x, [4, 0, 5], activation, w1, w2, w3 if use_w3 else None)
+        return ExpertMLP.apply(x, [4, 0, 5], How(activation), w1, w2, w3 if use_w3 else None)
 
     assert torch.autograd.gradcheck(f, (x, w1, w2, w3))
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from xpar.activations import get_activation
 from xpar.errors import XparConfigError
+from xpar.moe.expert_gemm import ExpertMLP, How, resolve_gemm
 
 
 def local_experts(num_experts: int, ep_size: int, ep_rank: int) -> range:
@@ -41,79 +42,15 @@ def expert_mlp(
     return get_activation(activation).forward(x_RD @ w1_DF, h3_RF) @ w2_FD
 
 
-class _GroupedMLP(torch.autograd.Function):
-    """All local experts in one autograd node.
-
-    Outputs and weight gradients are written straight into preallocated
-    buffers: no per-expert autograd nodes, no cat of outputs, no stack of
-    per-expert gradients (which cost as much as the GEMMs on small batches).
-    """
-
-    @staticmethod
-    def forward(ctx, x_RD, counts_e, activation, w1_eDF, w2_eFD, w3_eDF):
-        R, F_ = x_RD.shape[0], w1_eDF.shape[2]
-        groups = _row_groups(counts_e)
-        h1_RF = x_RD.new_empty(R, F_)
-        h3_RF = torch.empty_like(h1_RF) if w3_eDF is not None else None
-        for i, sl in groups:
-            torch.mm(x_RD[sl], w1_eDF[i], out=h1_RF[sl])
-            if h3_RF is not None:
-                torch.mm(x_RD[sl], w3_eDF[i], out=h3_RF[sl])
-        # Elementwise work once over all rows, not once per expert.
-        a_RF = get_activation(activation).forward(h1_RF, h3_RF)
-        out_RD = x_RD.new_empty(R, w2_eFD.shape[2])
-        for i, sl in groups:
-            torch.mm(a_RF[sl], w2_eFD[i], out=out_RD[sl])
-        ctx.save_for_backward(x_RD, h1_RF, h3_RF, a_RF, w1_eDF, w2_eFD, w3_eDF)
-        ctx.counts_e, ctx.activation = counts_e, activation
-        return out_RD
-
-    @staticmethod
-    def backward(ctx, grad_RD):
-        x_RD, h1_RF, h3_RF, a_RF, w1, w2, w3 = ctx.saved_tensors
-        groups = _row_groups(ctx.counts_e)
-        grad_RD = grad_RD.contiguous()
-        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
-        gw3 = torch.empty_like(w3) if w3 is not None else None
-        # Experts with no rows still get an explicit zero gradient.
-        for i, n in enumerate(ctx.counts_e):
-            if n == 0:
-                for g in (gw1, gw2, gw3):
-                    if g is not None:
-                        g[i].zero_()
-        g_a_RF = torch.empty_like(a_RF)
-        for i, sl in groups:
-            torch.mm(a_RF[sl].t(), grad_RD[sl], out=gw2[i])
-            torch.mm(grad_RD[sl], w2[i].t(), out=g_a_RF[sl])
-        g_h1_RF, g_h3_RF = get_activation(ctx.activation).backward(g_a_RF, h1_RF, h3_RF)
-        # Every row belongs to one expert, so gx is fully written.
-        gx_RD = torch.empty_like(x_RD)
-        for i, sl in groups:
-            x = x_RD[sl]
-            torch.mm(x.t(), g_h1_RF[sl], out=gw1[i])
-            torch.mm(g_h1_RF[sl], w1[i].t(), out=gx_RD[sl])
-            if g_h3_RF is not None:
-                torch.mm(x.t(), g_h3_RF[sl], out=gw3[i])
-                gx_RD[sl] += g_h3_RF[sl] @ w3[i].t()  # not addmm_: FLOP counters skip it
-        return gx_RD, None, None, gw1, gw2, gw3
-
-
-def _row_groups(counts_e: list[int]) -> list[tuple[int, slice]]:
-    """(expert, row slice) for every expert that has rows."""
-    out, start = [], 0
-    for i, n in enumerate(counts_e):
-        if n:
-            out.append((i, slice(start, start + n)))
-            start += n
-    return out
-
-
 class GroupedExperts(nn.Module):
     """w1_eDF, w2_eFD (+ w3_eDF for gated activations), no biases.
 
     Holds the experts `ids` (see `local_experts`; default: all of them). Every draw is of
     the whole bank, sliced afterwards, so an expert's initial weights (and the RNG
     stream after them) do not depend on how the bank is sharded.
+    gemm: how the GEMMs run (moe.expert_gemm: auto, loop, grouped, padded; see
+    xpar.moe.expert_gemm). recompute: keep only the input rows for backward and redo the
+    hidden activations there (moe.recompute=experts).
     """
 
     def __init__(
@@ -124,12 +61,15 @@ class GroupedExperts(nn.Module):
         activation: str,
         ids: range | None = None,
         init_std: float = 0.02,
+        gemm: str = "auto",
+        recompute: bool = False,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.ids = range(num_experts) if ids is None else ids  # global ids of these experts
         self.num_local = len(self.ids)
         self.activation = activation
+        self.gemm, self.recompute = gemm, recompute
         self.w1 = self._bank(d_model, d_ff, init_std)
         self.w2 = self._bank(d_ff, d_model, init_std)
         self.w3 = self._bank(d_model, d_ff, init_std) if get_activation(activation).gated else None
@@ -159,6 +99,16 @@ class GroupedExperts(nn.Module):
         """rows_RD are grouped by local expert; counts_e[i] rows belong to expert i."""
         assert len(counts_e) == self.num_local and sum(counts_e) == rows_RD.shape[0]
         # Experts with no rows still get a (zero) gradient, so every rank reduces the same set.
-        return _GroupedMLP.apply(
-            rows_RD.contiguous(), list(counts_e), self.activation, self.w1, self.w2, self.w3
+        x_RD = rows_RD.contiguous()
+        w1 = self.w1
+        gemm = resolve_gemm(
+            self.gemm,
+            self.num_local,
+            x_RD.shape[0],
+            w1.shape[1],
+            w1.shape[2],
+            x_RD.device,
+            x_RD.dtype,
         )
+        how = How(self.activation, gemm, self.recompute)
+        return ExpertMLP.apply(x_RD, list(counts_e), how, w1, self.w2, self.w3)

@@ -68,6 +68,8 @@ class MoELayer(nn.Module):
             cfg.d_ff,
             cfg.activation,
             ids=local_experts(cfg.num_experts, self.dispatcher.ep_size, self.dispatcher.ep_rank),
+            gemm=cfg.expert_gemm,
+            recompute=cfg.recompute == "experts",
         )
         # A dense expert every token goes through, next to the routed ones.
         self.shared_expert = (
