@@ -42,13 +42,15 @@ def tokens_for(rank, world, mode):
         return 0
     if mode == "empty_rank1" and rank == 1:
         return 0
+    if mode in ("equal", "one_expert_equal"):
+        return 16  # the padded exchange needs every rank to route the same token count
     return 13 + 7 * rank  # uneven token counts per rank
 
 
 def make_input(rank, world, mode):
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(tokens_for(rank, world, mode), D, generator=g)
-    if mode == "one_expert":
+    if mode.startswith("one_expert"):
         x[:, 0] = 10.0
     return x
 
@@ -61,19 +63,20 @@ def make_layers(cfg_kw, ep_group, mode):
         layer = MoELayer(D, cfg, ep_group=group)
         with torch.no_grad():
             layer.router.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(8))
-            if mode == "one_expert":
+            if mode.startswith("one_expert"):
                 layer.router.weight.zero_()
                 layer.router.weight[cfg.num_experts - 1, 0] = 5.0
         layers.append(layer)
     return layers
 
 
-def _ep_parity(rank, world, cases, mode):
+def _ep_parity(rank, world, cases, mode, overrides=None):
+    """overrides: MoEConfig fields set on every case (moe.comm_chunks, moe.exchange)."""
     import torch.distributed as dist
 
     out = {}
     for name in cases:
-        ref, ep = make_layers(CASES[name], None, mode)
+        ref, ep = make_layers({**CASES[name], **(overrides or {})}, None, mode)
         e = ep.experts.num_local
         assert ep.ep_size == world
         # EP layer holds exactly its slice of the reference's experts.
@@ -128,6 +131,28 @@ def test_expert_parallel_matches_one_process(world):
         cases.append("one_local_expert")  # 4 experts over 4 ranks: one expert each
         cases = list(dict.fromkeys(cases))
     check(run_distributed(_ep_parity, world, cases, "normal"))
+
+
+NOT_DEDUP = [c for c in CASES if not CASES[c].get("dedup_dispatch")]
+CAPACITY = [c for c in NOT_DEDUP if CASES[c].get("capacity_factor") is not None]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("chunks", [2, 3, 4])
+def test_expert_parallel_in_chunks_matches_one_process(world, chunks):
+    """moe.comm_chunks=n, counts exchange: uneven token counts per rank (chunk parts of
+    different sizes, some empty)."""
+    over = {"comm_chunks": chunks, "exchange": "counts"}
+    check(run_distributed(_ep_parity, world, NOT_DEDUP, "normal", over))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_padded_exchange_matches_one_process(world, chunks):
+    over = {"comm_chunks": chunks, "exchange": "padded"}
+    check(run_distributed(_ep_parity, world, CAPACITY, "equal", over))
 
 
 @pytest.mark.parametrize("mode", ["one_expert", "empty_rank1", "empty_all"])

@@ -103,6 +103,14 @@ class MoEConfig:
             cf = getattr(self, name)
             if cf is not None and (not is_number(cf) or not cf > 0 or math.isinf(cf)):
                 raise bad(prefix, name, cf, "use a finite number > 0, or null for dropless")
+        if self.exchange == "padded" and self.capacity_factor is None:
+            raise bad(
+                prefix,
+                "exchange",
+                self.exchange,
+                "the padded exchange needs a capacity, and moe.capacity_factor=null is "
+                "dropless; set a capacity_factor or use moe.exchange=counts or auto",
+            )
         get_router(self.router).check(self, prefix)
         need_int(prefix, self, "every", 0, "use 0 (dense model) or n >= 1 (MoE every n-th block)")
         need_int(prefix, self, "shared_expert_d_ff", 0, "use 0 (none) or a width >= 1")

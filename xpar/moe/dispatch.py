@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from xpar.errors import XparConfigError, XparDistributedError
+from xpar.moe.exchange import CountsExchange, PaddedExchange, choose_comm_chunks, choose_exchange
 from xpar.moe.experts import local_experts
+from xpar.moe.pipeline import ExchangeMarks, pipelined_experts
 from xpar.moe.plan import RoutingPlan
 from xpar.parallel.watchdog import collective
 
@@ -37,6 +39,7 @@ _GRADS_OUT = collective("all_to_all (MoE output gradients to experts, in backwar
 _ROW_INDEX = collective("all_to_all (MoE row index per assignment, dedup dispatch)")
 _WEIGHTS_OUT = collective("all_to_all (MoE combine weights to experts, dedup dispatch)")
 _WEIGHT_GRADS = collective("all_to_all (MoE combine weight gradients back, in backward)")
+_MARKS = ExchangeMarks(_ROWS_OUT, _ROWS_BACK, _GRADS_OUT, _GRADS_BACK)
 _LOAD_SUM = collective("all_reduce (MoE tokens per expert)")
 _BALANCE_SUM = collective("all_reduce (MoE balance-loss load over every rank)")
 
@@ -55,12 +58,20 @@ def sum_over_all_ranks(t: torch.Tensor) -> torch.Tensor:
 class Traffic:
     """Rows and bytes this rank's dispatcher sent to other ranks' experts (forward, the
     tokens' way out; the way back is the same size), counted since it was built.
+    rows_sent / bytes_sent: real rows only, whatever the exchange or chunking.
     meta_bytes_sent: what travels beside the rows (dedup dispatch: a row index and a combine
-    weight per assignment on another rank; the weights' gradients come back in backward)."""
+    weight per assignment on another rank; the weights' gradients come back in backward).
+    pad_bytes_sent: the padded exchange's zero rows sent to other ranks (they travel back,
+    and again in backward, like the rows). count_bytes_sent: the per-expert counts sent to
+    other ranks: the count exchange (int64, [e + 2] per rank: counts, tokens, rows), or the
+    padded exchange's header rows (counts inside the rows' buffer, counted here, not as
+    padding)."""
 
     rows_sent: int = 0
     bytes_sent: int = 0
     meta_bytes_sent: int = 0
+    pad_bytes_sent: int = 0
+    count_bytes_sent: int = 0
     calls: int = 0
 
 
@@ -147,6 +158,14 @@ class LocalDispatcher:
     ) -> torch.Tensor:
         return combine_rows(out_RD, plan, plan.num_tokens)
 
+    def check_agreement(self, x_TD: torch.Tensor) -> None:
+        pass
+
+    def forward_experts(self, x_TD, plan, experts, **_exchange) -> torch.Tensor:
+        """dispatch, experts, combine: y_TD (one process: nothing travels, nothing to chunk)."""
+        rows_RD, state = self.dispatch(x_TD, plan)
+        return self.combine(experts(rows_RD, state.counts_e), state, plan)
+
     def start_sum_over_group(self, t: torch.Tensor) -> _Done:
         return _Done(t)
 
@@ -163,8 +182,12 @@ class AllToAllDispatcher:
         self.num_local = len(local_experts(num_experts, self.ep_size, self.ep_rank))
         self._checked: set[tuple] = set()
         self.traffic = Traffic()
+        # From the last count exchange: the token count every rank routed (None: they
+        # differed) and the most rows one rank sent.
+        self._same_tokens: int | None = None
+        self._most_rows = 0
 
-    def _check_agreement(self, x_TD: torch.Tensor) -> None:
+    def check_agreement(self, x_TD: torch.Tensor) -> None:
         """Once per shape: all ranks must agree on E and D, else the count
         exchange would hang or return garbage. Fails loudly instead."""
         key = (x_TD.shape[1], x_TD.dtype)
@@ -185,26 +208,45 @@ class AllToAllDispatcher:
             )
         self._checked.add(key)
 
-    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DispatchState]:
-        self._check_agreement(x_TD)
+    def _exchange_counts(self, plan: RoutingPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows this rank sends per (rank, local expert) and receives per (rank, own local
+        expert), [P, e] each. Each rank's token and row counts ride along (two columns), so
+        every rank learns whether all ranks route the same number of tokens (what the
+        padded exchange needs) and the most rows one rank sends (what comm_chunks=0 uses)."""
         P, e = self.ep_size, self.num_local
-        rows_AD = x_TD.index_select(0, plan.token_idx_A)  # sorted by expert, so by rank
-        send_counts_Pe = plan.counts_E.view(P, e)
-        recv_counts_Pe = torch.empty_like(send_counts_Pe)
-        with _COUNTS:  # the .tolist() waits for the exchange (NCCL returns before it ends)
-            dist.all_to_all_single(recv_counts_Pe, send_counts_Pe, group=self.group)
-            counts_all = torch.stack([send_counts_Pe.sum(1), recv_counts_Pe.sum(1)]).tolist()
-        send_splits, recv_splits = counts_all
-        off_rank = sum(send_splits) - send_splits[self.ep_rank]
+        send_Pc = torch.empty(P, e + 2, dtype=torch.long, device=plan.counts_E.device)
+        send_Pc[:, :e] = plan.counts_E.view(P, e)
+        send_Pc[:, e] = plan.num_tokens
+        send_Pc[:, e + 1] = plan.token_idx_A.numel()
+        recv_Pc = torch.empty_like(send_Pc)
+        with _COUNTS:  # the .cpu() waits for the exchange (NCCL returns before it ends)
+            dist.all_to_all_single(recv_Pc, send_Pc, group=self.group)
+            recv_Pc = recv_Pc.cpu()
+        tokens = recv_Pc[:, e].tolist()
+        self._same_tokens = tokens[0] if len(set(tokens)) == 1 else None
+        self._most_rows = int(recv_Pc[:, e + 1].max())
+        self.traffic.count_bytes_sent += (P - 1) * (e + 2) * 8
+        return send_Pc[:, :e].cpu(), recv_Pc[:, :e]
+
+    def _count_rows(self, send_Pe: torch.Tensor, row_bytes: int) -> None:
+        off_rank = int(send_Pe.sum()) - int(send_Pe[self.ep_rank].sum())
         self.traffic.rows_sent += off_rank
-        self.traffic.bytes_sent += off_rank * x_TD.shape[1] * x_TD.element_size()
+        self.traffic.bytes_sent += off_rank * row_bytes
         self.traffic.calls += 1
+
+    def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DispatchState]:
+        self.check_agreement(x_TD)
+        rows_AD = x_TD.index_select(0, plan.token_idx_A)  # sorted by expert, so by rank
+        send_counts_Pe, recv_counts_Pe = self._exchange_counts(plan)
+        send_splits = send_counts_Pe.sum(1).tolist()
+        recv_splits = recv_counts_Pe.sum(1).tolist()
+        self._count_rows(send_counts_Pe, x_TD.shape[1] * x_TD.element_size())
         marks = (_ROWS_OUT, _GRADS_BACK)
         rows_RD = _AllToAll.apply(rows_AD, send_splits, recv_splits, self.group, marks)
         # Received as [source rank][local expert]; experts want [local expert][source].
         perm_R = expert_major(recv_counts_Pe)
         if perm_R is not None:
-            rows_RD = rows_RD.index_select(0, perm_R)
+            rows_RD = rows_RD.index_select(0, perm_R.to(rows_RD.device))
         state = DispatchState(
             counts_e=recv_counts_Pe.sum(0).tolist(),
             perm_R=perm_R,
@@ -212,6 +254,75 @@ class AllToAllDispatcher:
             recv_splits=recv_splits,
         )
         return rows_RD, state
+
+    def forward_experts(
+        self,
+        x_TD: torch.Tensor,
+        plan: RoutingPlan,
+        experts: torch.nn.Module,
+        *,
+        chunks: int = 1,
+        exchange: str = "counts",
+        capacity: int | None = None,
+        top_k: int = 1,
+    ) -> torch.Tensor:
+        """Rows to their experts, `experts(rows_RD, counts_e)`, results back, combined:
+        y_TD. chunks: moe.comm_chunks (0: choose_comm_chunks); exchange: moe.exchange;
+        capacity: row slots per expert, the same on every rank (None: dropless, counts
+        only); top_k: rows per token before drops (moe.exchange=auto's padding estimate)."""
+        self.check_agreement(x_TD)
+        kind = self._exchange_kind(x_TD, plan, exchange, capacity, top_k)
+        D, row_bytes = x_TD.shape[1], x_TD.shape[1] * x_TD.element_size()
+        if kind == "padded":
+            send_Pe = plan.counts_E.view(self.ep_size, self.num_local).cpu()
+            if chunks == 0:
+                rows = self.num_experts * capacity
+                chunks = choose_comm_chunks(rows, D, self.ep_size, x_TD.device.type)
+            ex = PaddedExchange(send_Pe, capacity, chunks, D, x_TD.element_size(), plan.num_tokens)
+            self._count_rows(send_Pe, row_bytes)
+            others = self.ep_size - 1
+            real_off = int(send_Pe.sum()) - int(send_Pe[self.ep_rank].sum())
+            self.traffic.pad_bytes_sent += (
+                others * self.num_local * capacity - real_off
+            ) * row_bytes
+            self.traffic.count_bytes_sent += others * ex.header_rows * row_bytes
+        else:
+            if chunks == 1:
+                rows_RD, state = self.dispatch(x_TD, plan)
+                return self.combine(experts(rows_RD, state.counts_e), state, plan)
+            send_Pe, recv_Pe = self._exchange_counts(plan)
+            if chunks == 0:
+                chunks = choose_comm_chunks(self._most_rows, D, self.ep_size, x_TD.device.type)
+            self._count_rows(send_Pe, row_bytes)
+            ex = CountsExchange(send_Pe, recv_Pe, chunks)
+        rows_AD = x_TD.index_select(0, plan.token_idx_A)
+        out_AD = pipelined_experts(rows_AD, ex, experts, self.group, _MARKS)
+        return combine_rows(out_AD, plan, plan.num_tokens)
+
+    def _exchange_kind(
+        self,
+        x_TD: torch.Tensor,
+        plan: RoutingPlan,
+        exchange: str,
+        capacity: int | None,
+        top_k: int,
+    ) -> str:
+        """counts or padded for this call; the same on every rank. auto picks padded only
+        once a count exchange has shown every rank routing this many tokens (padded needs
+        it) and choose_exchange says the padding costs less than the count exchange."""
+        if exchange != "auto":
+            return exchange
+        if capacity is None or self._same_tokens != plan.num_tokens:
+            return "counts"
+        return choose_exchange(
+            plan.num_tokens,
+            top_k,
+            capacity,
+            self.num_experts,
+            x_TD.shape[1],
+            x_TD.element_size(),
+            x_TD.device.type,
+        )
 
     def combine(
         self, out_RD: torch.Tensor, state: DispatchState, plan: RoutingPlan
@@ -278,7 +389,7 @@ class DedupAllToAllDispatcher(AllToAllDispatcher):
     """
 
     def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DedupState]:
-        self._check_agreement(x_TD)
+        self.check_agreement(x_TD)
         P, e, D = self.ep_size, self.num_local, x_TD.shape[1]
         dest_A = plan.expert_idx_A // e
         token_U, rows_P, row_A = unique_rows(plan.token_idx_A, dest_A, x_TD.shape[0], P)
@@ -318,12 +429,19 @@ class DedupAllToAllDispatcher(AllToAllDispatcher):
         )
         return rows_VD.index_select(0, fan_R), state
 
+    def forward_experts(self, x_TD, plan, experts, **_exchange) -> torch.Tensor:
+        """Unchunked, counts first: MoELayer refuses moe.comm_chunks > 1 and
+        moe.exchange=padded with moe.dedup_dispatch."""
+        rows_RD, state = self.dispatch(x_TD, plan)
+        return self.combine(experts(rows_RD, state.counts_e), state, plan)
+
     def _count(self, send_asg: list[int], send_rows: list[int], row_bytes: int, w_bytes: int):
         off_rows = sum(send_rows) - send_rows[self.ep_rank]
         off_asg = sum(send_asg) - send_asg[self.ep_rank]
         self.traffic.rows_sent += off_rows
         self.traffic.bytes_sent += off_rows * row_bytes
         self.traffic.meta_bytes_sent += off_asg * (4 + w_bytes)  # int32 index + weight
+        self.traffic.count_bytes_sent += (self.ep_size - 1) * (self.num_local + 1) * 8
         self.traffic.calls += 1
 
     def combine(self, out_RD: torch.Tensor, state: DedupState, plan: RoutingPlan) -> torch.Tensor:

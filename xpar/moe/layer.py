@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from xpar.errors import XparConfigError
 from xpar.models.mlp import MLP
 from xpar.moe.config import MoEConfig
 from xpar.moe.dispatch import make_dispatcher, sum_over_all_ranks
 from xpar.moe.experts import GroupedExperts, local_experts
 from xpar.moe.losses import balance_loss_from_counts
+from xpar.moe.plan import token_choice_capacity
 from xpar.moe.routers import get_router
 
 
@@ -53,6 +55,20 @@ def slot_outputs(combine_BLJ: torch.Tensor, y_SD: torch.Tensor, num_experts: int
     return torch.bmm(combine_BLJ.to(y_SD.dtype), y_BJD).reshape(B * L, D)
 
 
+def _refuse_with_dedup(cfg: MoEConfig) -> None:
+    """The dedup dispatcher exchanges counts first and sends its rows in one piece."""
+    if cfg.comm_chunks > 1:
+        raise XparConfigError(
+            f"moe.comm_chunks={cfg.comm_chunks} is not supported with moe.dedup_dispatch=true "
+            "(its rows travel in one piece); use moe.comm_chunks=1 or 0, or dedup_dispatch=false"
+        )
+    if cfg.exchange == "padded":
+        raise XparConfigError(
+            "moe.exchange=padded is not supported with moe.dedup_dispatch=true (it exchanges "
+            "counts first); use moe.exchange=counts or auto, or dedup_dispatch=false"
+        )
+
+
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, ep_group=None, vocab_size: int = 0):
         super().__init__()
@@ -62,6 +78,8 @@ class MoELayer(nn.Module):
         # vocab_size: for routers that route by token id (a hash table over the vocabulary).
         self.router = get_router(cfg.router)(d_model, cfg, vocab_size=vocab_size)
         self.dispatcher = make_dispatcher(cfg.num_experts, ep_group, cfg.dedup_dispatch)
+        if cfg.dedup_dispatch and self.dispatcher.ep_size > 1:
+            _refuse_with_dedup(cfg)
         self.experts = GroupedExperts(
             cfg.num_experts,
             d_model,
@@ -104,11 +122,18 @@ class MoELayer(nn.Module):
         rows_in = x_TD
         if plan.slot_dispatch_BLJ is not None:  # soft routing: the experts see slots
             rows_in = slot_inputs(plan.slot_dispatch_BLJ, x_TD, self.cfg.num_experts)
-        rows_RD, state = self.dispatcher.dispatch(rows_in, plan)  # checks the ranks agree first
+        self.dispatcher.check_agreement(rows_in)  # before any collective sized by the layer
         # The load report is a metric: reduce it in the background while experts compute.
         load = self.dispatcher.start_sum_over_group(plan.tokens_per_expert_E)
-        out_RD = self.experts(rows_RD, state.counts_e)
-        y_TD = self.dispatcher.combine(out_RD, state, plan)
+        y_TD = self.dispatcher.forward_experts(
+            rows_in,
+            plan,
+            self.experts,
+            chunks=self.cfg.comm_chunks,
+            exchange=self.cfg.exchange,
+            capacity=self._capacity(plan, cf),
+            top_k=self.cfg.top_k,
+        )
         if plan.slot_combine_BLJ is not None:
             y_TD = slot_outputs(plan.slot_combine_BLJ, y_TD, self.cfg.num_experts)
         if self.shared_expert is not None:
@@ -124,6 +149,18 @@ class MoELayer(nn.Module):
             router_entropy=plan.entropy,
         )
         return y_TD.reshape(shape), aux
+
+    def _capacity(self, plan, cf: float | None) -> int | None:
+        """Row slots per expert for the padded exchange, known before routing: soft routing
+        gives every expert exactly S/E slots; with a capacity factor no router keeps more
+        than min(T, ceil(cf * top_k * T / E)) rows per expert; dropless: None (counts)."""
+        E = self.cfg.num_experts
+        if plan.slot_dispatch_BLJ is not None:
+            return plan.num_tokens // E
+        if cf is None:
+            return None
+        T = plan.num_tokens
+        return min(T, token_choice_capacity(cf, self.cfg.top_k, T, E))
 
     def _balance_loss(self, plan) -> torch.Tensor:
         """The router's balance loss; with moe.balance_scope=global (in training) its load
