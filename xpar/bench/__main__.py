@@ -22,6 +22,11 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
         "under torchrun",
         "MoE layer fwd+bwd: xpar vs DeepSpeed's MoE vs the bound",
     ),
+    "step": (
+        "xpar.bench.step",
+        "under torchrun",
+        "the whole training step: xpar vs DeepSpeed's MoE in the same decoder",
+    ),
     "quality": (
         "xpar.bench.quality",
         "plain python",

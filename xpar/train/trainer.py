@@ -202,6 +202,8 @@ def build_run(cfg: XparConfig, cleanup: contextlib.ExitStack, start: resume.Star
                 flush=True,
             )
     model = model.to(groups.device)
+    if tc.compile:  # in place, before the engine: the params and their keys stay the same
+        setup.compile_model(model, groups.device, groups.rank)
     precision = resolve_precision(cfg.parallel.precision)
     return Run(
         cfg=cfg,
