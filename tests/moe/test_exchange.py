@@ -166,3 +166,88 @@ def test_padded_exchange_refuses_dropless_at_config_time():
     with pytest.raises(XparConfigError, match=r"moe.exchange='padded'.*capacity_factor"):
         MoEConfig(exchange="padded", capacity_factor=None)
     MoEConfig(exchange="padded", capacity_factor=1.0)
+
+
+# ------------------------------------------------------------------ real gloo groups
+
+PADDED_CASES = ["capacity_k2_swiglu", "expert_choice_shared", "soft_capacity"]
+
+
+def _padded_vs_counts(rank, world, cases, chunk_counts):
+    from test_comm_chunks import CASES, max_diffs, run_layer
+
+    cases_kw = {**CASES, "soft_capacity": {**CASES["soft"], "capacity_factor": 1.0}}
+    out = {}
+    for name in cases:
+        kw, seq = cases_kw[name], cases_kw[name].get("router") == "soft"
+        base = run_layer({**kw, "comm_chunks": 1, "exchange": "counts"}, rank, "equal", seq)
+        e, D = kw["num_experts"] // world, 16
+        t0 = base[3]
+        assert t0.pad_bytes_sent == 0 and t0.count_bytes_sent == (world - 1) * (e + 2) * 8
+        for n in chunk_counts:
+            got = run_layer({**kw, "comm_chunks": n, "exchange": "padded"}, rank, "equal", seq)
+            t = got[3]
+            assert (t.rows_sent, t.bytes_sent) == (t0.rows_sent, t0.bytes_sent), name
+            if seq:  # soft: exactly B * slots_per_expert (2 * 1) slots per expert, no padding
+                cap = 2
+            else:
+                cap = math.ceil(kw["capacity_factor"] * kw["top_k"] * 16 / kw["num_experts"])
+            slots = (world - 1) * e * cap
+            assert t.pad_bytes_sent == (slots - t.rows_sent) * D * 4, name
+            assert t.count_bytes_sent == (world - 1) * header_rows(e, D, 4) * D * 4, name
+            out[(name, n)] = max_diffs(base, got)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_padded_exchange_equals_counts_exchange(world):
+    from test_comm_chunks import check
+
+    check(run_distributed(_padded_vs_counts, world, PADDED_CASES, (1, 2, 3)), tol=1e-6)
+
+
+def test_padded_exchange_equals_counts_exchange_two_ranks_one_case():
+    from test_comm_chunks import check
+
+    check(run_distributed(_padded_vs_counts, 2, ["capacity_k2_swiglu"], (2,)), tol=1e-6)
+
+
+def _auto(rank, world, equal):
+    from xpar.moe import MoELayer
+
+    layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, d_ff=8, capacity_factor=1.0))
+    T = 12 if equal else 12 + rank
+    seen = []
+    for _ in range(3):
+        layer(torch.randn(T, 16))
+        t = layer.dispatcher.traffic
+        seen.append((t.pad_bytes_sent, t.count_bytes_sent))
+    return seen
+
+
+@pytest.mark.slow
+def test_auto_switches_to_padded_once_the_ranks_agree_on_tokens():
+    counts_bytes = 1 * (2 + 2) * 8  # [e + 2] int64 to the other rank
+    header = header_rows(2, 16, 4) * 16 * 4
+    for seen in run_distributed(_auto, 2, True):
+        # call 1: count exchange (learns that both ranks route 12 tokens); then padded
+        assert seen[0] == (0, counts_bytes)
+        assert seen[1][1] == counts_bytes + header and seen[2][1] == counts_bytes + 2 * header
+    for seen in run_distributed(_auto, 2, False):
+        assert seen[2] == (0, 3 * counts_bytes)  # different token counts: always counts
+
+
+def _uneven_padded(rank, world):
+    from xpar.moe import MoELayer
+
+    layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, d_ff=8, exchange="padded"))
+    layer(torch.randn(12 + 8 * rank, 16))
+
+
+@pytest.mark.slow
+def test_padded_exchange_with_different_token_counts_fails():
+    """The header check names the token counts (seen on gloo); a backend may fail first on
+    the mismatched buffer sizes, or hang until its timeout: any of these, never garbage."""
+    with pytest.raises((RuntimeError, TimeoutError)):
+        run_distributed(_uneven_padded, 2, timeout=60, pg_timeout=20)
