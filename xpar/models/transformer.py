@@ -10,10 +10,13 @@ F ffn dim, V vocab.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from xpar.errors import XparConfigError
 from xpar.models.attention import get_attention
@@ -139,11 +142,50 @@ class SelfAttention(nn.Module):
         )
 
 
+def _state_of(obj: object) -> dict | None:
+    """A copy of obj's attributes: containers and dataclasses copied, the rest (process
+    groups, modules) by reference."""
+    if obj is None:
+        return None
+    return {
+        k: copy.copy(v) if isinstance(v, (set, dict, list)) or dataclasses.is_dataclass(v) else v
+        for k, v in vars(obj).items()
+    }
+
+
+def _set_state(obj: object, state: dict | None) -> None:
+    """obj's attributes back to `state`; dataclasses in place (others may hold them)."""
+    if obj is None:
+        return
+    for k, v in state.items():
+        cur = getattr(obj, k, None)
+        if dataclasses.is_dataclass(v) and type(cur) is type(v):
+            for f in dataclasses.fields(v):
+                setattr(cur, f.name, getattr(v, f.name))
+        else:
+            setattr(obj, k, copy.copy(v) if isinstance(v, (set, dict, list)) else v)
+
+
 class Block(nn.Module):
+    """Attention then FFN (dense MLP or MoE layer), each pre-norm with a residual.
+
+    recompute (moe.recompute=block): in training, keep only the block's input and redo its
+    forward in backward (torch.utils.checkpoint). The redo repeats the MoE layer's
+    all-to-alls (every rank recomputes its blocks in the same order) and the router's
+    jitter (the RNG state is restored) from the dispatcher state the forward saw, whose
+    changes (traffic counters) it then undoes, so a step counts its rows once. Its outputs
+    (the aux) are dropped.
+    """
+
     def __init__(
-        self, cfg: ModelConfig, moe_cfg: MoEConfig | None, ep_group: object = None
+        self,
+        cfg: ModelConfig,
+        moe_cfg: MoEConfig | None,
+        ep_group: object = None,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
+        self.recompute = recompute
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = SelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -161,6 +203,36 @@ class Block(nn.Module):
         tokens_BL: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ):
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            return self._checkpointed(x_BLD, cos_LK, sin_LK, tokens_BL)
+        return self._forward(x_BLD, cos_LK, sin_LK, tokens_BL, cache)
+
+    def _checkpointed(self, x_BLD, cos_LK, sin_LK, tokens_BL):
+        # The dispatcher's state (traffic counters, what it learnt of past calls) as the
+        # forward found it: the redo starts from it, so it takes the forward's paths (the
+        # same collectives), and its own changes are undone afterwards.
+        dispatcher = self.ffn.dispatcher if self.is_moe else None
+        at_forward = _state_of(dispatcher)
+        runs = []  # the first run is the forward; any later one is backward's redo
+
+        def run(x_BLD, cos_LK, sin_LK, tokens_BL):
+            if not runs:
+                runs.append(1)
+                return self._forward(x_BLD, cos_LK, sin_LK, tokens_BL, None)
+            now = _state_of(dispatcher)
+            _set_state(dispatcher, at_forward)
+            try:
+                return self._forward(x_BLD, cos_LK, sin_LK, tokens_BL, None)
+            finally:
+                _set_state(dispatcher, now)
+
+        # early_stop=False: the redo runs the whole block, so every collective it starts
+        # (the MoE layer's load all-reduce included) also completes, on every rank alike.
+        return checkpoint(
+            run, x_BLD, cos_LK, sin_LK, tokens_BL, use_reentrant=False, early_stop=False
+        )
+
+    def _forward(self, x_BLD, cos_LK, sin_LK, tokens_BL, cache):
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), cos_LK, sin_LK, cache)
         h_BLD = self.ffn_norm(x_BLD)
         if self.is_moe:
@@ -193,8 +265,10 @@ class MoETransformer(nn.Module):
         self.moe_cfg = moe_cfg
         moe_ids = set(moe_block_ids(model_cfg, moe_cfg))
         self.tok_emb = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
+        # moe.recompute=block recomputes every block, dense ones too, in backward.
+        recompute = moe_cfg.recompute == "block"
         self.blocks = nn.ModuleList(
-            Block(model_cfg, moe_cfg if i in moe_ids else None, ep_group)
+            Block(model_cfg, moe_cfg if i in moe_ids else None, ep_group, recompute)
             for i in range(model_cfg.n_layers)
         )
         self.norm = RMSNorm(model_cfg.d_model, model_cfg.norm_eps)
