@@ -26,8 +26,9 @@ pytestmark = pytest.mark.slow
 D, L, E, RANKS = 16, 8, 8, 4
 
 
-def _traffic_layer(top_k, topk_groups, ep_group=None, dedup=False, num_experts=E):
+def _traffic_layer(top_k, topk_groups, ep_group=None, dedup=False, num_experts=E, chunks=0):
     cfg = MoEConfig(
+        comm_chunks=chunks,
         num_experts=num_experts,
         top_k=top_k,
         d_ff=16,
@@ -61,6 +62,13 @@ def _traffic(rank, world, top_k, limits):
         # The dispatcher counts every row it sends off-rank, 4 bytes per fp32 value.
         assert layer.dispatcher.traffic.bytes_sent == int(off_A.sum()) * D * 4
         assert layer.dispatcher.traffic.rows_sent == int(off_A.sum())
+        # Beside the rows: the count exchange, [e + 2] int64 per other rank; no padding.
+        assert layer.dispatcher.traffic.count_bytes_sent == (world - 1) * (E // world + 2) * 8
+        assert layer.dispatcher.traffic.pad_bytes_sent == 0
+        # The same rows in 3 pipelined chunks: the same counters.
+        chunked = _traffic_layer(top_k, tg, chunks=3)
+        chunked(x)
+        assert chunked.dispatcher.traffic == layer.dispatcher.traffic
         out[tg] = (layer.dispatcher.traffic.bytes_sent, len(pairs) * D * 4, max(per_token), T)
     return out
 
@@ -128,6 +136,8 @@ def _dedup_traffic(rank, world, top_k, limits, num_experts):
         # assignment on another rank. Default: one row per such assignment.
         assert (on.rows_sent, on.bytes_sent) == (len(pairs), len(pairs) * D * 4)
         assert on.meta_bytes_sent == int(off_A.sum()) * 8
+        e = num_experts // world
+        assert on.count_bytes_sent == (world - 1) * (e + 1) * 8 and on.pad_bytes_sent == 0
         assert off.bytes_sent == int(off_A.sum()) * D * 4 and off.meta_bytes_sent == 0
         out[tg] = (off.bytes_sent, on.bytes_sent, on.meta_bytes_sent, T)
     return out

@@ -160,6 +160,10 @@ def test_choose_exchange():
     # cf 1.25 on the big shapes: megabytes of zeros, counts
     cap = math.ceil(1.25 * 2 * 4096 / 8)
     assert choose_exchange(4096, 2, cap, 8, 256, 4, "cpu") == "counts"
+    # 48 KiB of padding (travelling 4 times) still beats one count exchange on CPU; 64 KiB not
+    assert choose_exchange(512, 2, 134, 8, 256, 4, "cpu") == "padded"  # 48 rows * 1 KiB
+    assert choose_exchange(512, 2, 136, 8, 256, 4, "cpu") == "counts"  # 64 rows
+    assert choose_exchange(512, 2, 136, 8, 256, 4, "cuda") == "padded"
 
 
 def test_padded_exchange_refuses_dropless_at_config_time():

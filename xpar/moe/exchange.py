@@ -216,24 +216,29 @@ def choose_exchange(
     elem_bytes: int,
     device: str,
 ) -> str:
-    """moe.exchange=auto: padded when the padding it sends costs less than the count exchange
-    it saves, else counts. Padding is at least E*C - K*T rows per rank (all K*T kept);
-    the count exchange costs one collective's latency plus a host sync. Measured with
-    xpar/bench/dispatch.py (2 gloo ranks, this machine; see its docstring): on gloo CPU
-    a count exchange costs about what 256 KiB of padding does; on CUDA it is taken as
-    1 MiB (unmeasured: one GPU here)."""
+    """moe.exchange=auto: padded when its padding costs less than the count exchange it
+    saves, else counts. A rank pads at least E*C - K*T rows (all K*T kept), and padding
+    travels four times (rows out and back, their gradients out and back) where the count
+    exchange happens once (one small collective plus a host sync). Measured with
+    `torchrun --nproc-per-node 2 -m xpar.bench.dispatch` (2 gloo ranks, 1 thread each, this
+    2-core machine): a small all_to_all 0.16-0.20 ms at 0.9-1.2 GiB/s, so a count exchange
+    costs what ~190 KiB of traffic does, and padded lost at every benchmark shape at
+    cf=1.25 (0.13-1.1 MB of padding per call: 1.07-1.23x counts). CUDA: 4 MiB, an
+    assumption (NVLink-class bandwidth against the host sync), not measured here."""
     if capacity is None:
         return "counts"
     pad_bytes = max(num_experts * capacity - top_k * tokens, 0) * d_model * elem_bytes
-    saved = (256 if device == "cpu" else 1024) * 1024
-    return "padded" if pad_bytes <= saved else "counts"
+    saved = (192 if device == "cpu" else 4096) * 1024
+    return "padded" if 4 * pad_bytes <= saved else "counts"
 
 
 def choose_comm_chunks(rows: int, d_model: int, ep_size: int, device: str) -> int:
     """moe.comm_chunks=0: how many chunks the rows travel in. rows: the most rows one rank of
     the group sends (the same number on every rank). On gloo CPU the exchange and the
-    experts share the same cores, so pipelining does not pay (xpar/bench/dispatch.py): 1.
-    On CUDA (unmeasured here) 2 chunks once a rank sends >= 8 MiB, 4 from 64 MiB."""
+    experts share the same cores, so pipelining does not pay: with xpar/bench/dispatch.py
+    (2 ranks) 2 / 4 chunks took 1.20-1.24x / 1.47-1.77x of one chunk on the three smaller
+    shapes and 0.93x / 0.96x (noise level) on E=8 k=2 D=256 T=4096: 1. On CUDA (not
+    measured here: one GPU) 2 chunks once a rank sends >= 8 MiB of bf16, 4 from 64 MiB."""
     if ep_size <= 1 or device == "cpu":
         return 1
     nbytes = rows * d_model * 2  # bf16
