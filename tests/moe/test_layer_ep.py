@@ -181,3 +181,12 @@ def _indivisible(rank, world):
 def test_experts_not_divisible_by_ep_size():
     with pytest.raises(RuntimeError, match=r"moe.num_experts=6 is not divisible.*4"):
         run_distributed(_indivisible, 4, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exchange,chunks", [("padded", 2), ("counts", 3)])
+def test_chunks_and_padding_when_one_expert_gets_every_row(exchange, chunks):
+    """Every other expert has zero rows (in every chunk); one block is over capacity and
+    drops, equal token counts per rank."""
+    over = {"comm_chunks": chunks, "exchange": exchange}
+    check(run_distributed(_ep_parity, 2, CAPACITY, "one_expert_equal", over))

@@ -4,7 +4,10 @@ LocalDispatcher: one process holds every expert (sort-based permutation, no
 one-hot [T, E, C] tensors). AllToAllDispatcher: experts sharded over an EP
 group; per-expert counts are exchanged first, then rows travel with
 all_to_all_single (uneven splits) and come back the same way, one row per
-(token, expert) assignment. DedupAllToAllDispatcher (moe.dedup_dispatch): one row
+(token, expert) assignment. Its forward_experts also runs the rows in
+moe.comm_chunks pipelined chunks (xpar.moe.pipeline) and, for capacity routing, the
+padded fixed-capacity exchange with no count exchange (moe.exchange, xpar.moe.exchange).
+DedupAllToAllDispatcher (moe.dedup_dispatch): one row
 per (token, destination rank); each assignment's row index on that rank and its
 combine weight travel beside the rows, the receiver fans rows out to its experts,
 weights and sums their outputs per row, and sends one row back per (token, rank).
@@ -236,8 +239,17 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, plan: RoutingPlan) -> tuple[torch.Tensor, DispatchState]:
         self.check_agreement(x_TD)
+        return self._dispatch_rows(x_TD, plan, *self._exchange_counts(plan))
+
+    def _dispatch_rows(
+        self,
+        x_TD: torch.Tensor,
+        plan: RoutingPlan,
+        send_counts_Pe: torch.Tensor,
+        recv_counts_Pe: torch.Tensor,
+    ) -> tuple[torch.Tensor, DispatchState]:
+        """The rows' exchange in one piece, once the counts are known."""
         rows_AD = x_TD.index_select(0, plan.token_idx_A)  # sorted by expert, so by rank
-        send_counts_Pe, recv_counts_Pe = self._exchange_counts(plan)
         send_splits = send_counts_Pe.sum(1).tolist()
         recv_splits = recv_counts_Pe.sum(1).tolist()
         self._count_rows(send_counts_Pe, x_TD.shape[1] * x_TD.element_size())
@@ -287,12 +299,12 @@ class AllToAllDispatcher:
             ) * row_bytes
             self.traffic.count_bytes_sent += others * ex.header_rows * row_bytes
         else:
-            if chunks == 1:
-                rows_RD, state = self.dispatch(x_TD, plan)
-                return self.combine(experts(rows_RD, state.counts_e), state, plan)
             send_Pe, recv_Pe = self._exchange_counts(plan)
             if chunks == 0:
                 chunks = choose_comm_chunks(self._most_rows, D, self.ep_size, x_TD.device.type)
+            if chunks == 1:  # today's path: autograd through two exchanges
+                rows_RD, state = self._dispatch_rows(x_TD, plan, send_Pe, recv_Pe)
+                return self.combine(experts(rows_RD, state.counts_e), state, plan)
             self._count_rows(send_Pe, row_bytes)
             ex = CountsExchange(send_Pe, recv_Pe, chunks)
         rows_AD = x_TD.index_select(0, plan.token_idx_A)

@@ -4,6 +4,10 @@ Soft routing: the experts' rows are slots, built per sequence with batched produ
 the plan's [B, L, J] weights (never a [T, B*J] matrix) and ordered expert-major,
 s = e*B*P + b*P + p, so each expert's B*P slots are contiguous.
 
+Under expert parallel every router, soft routing included, runs with any moe.comm_chunks
+and moe.exchange (soft routing's padded capacity is its exact S/E slots per expert); only
+moe.dedup_dispatch refuses chunks and padding (MoELayer says so when built).
+
 Legend: T tokens (B sequences of L), D model dim, E experts, P slots per expert per
 sequence, J = E*P slots of one sequence, S = B*J slots of the batch.
 """
