@@ -96,9 +96,8 @@ def _ep_modes(rank: int, world_size: int, comm_chunks: int) -> dict:
 def test_recompute_modes_give_bitwise_the_same_step_on_2_ep_ranks(comm_chunks):
     for r in run_distributed(_ep_modes, 2, comm_chunks):
         assert all(t["rows_sent"] > 0 and t["calls"] == 1 for t in r["traffic"])
-        assert r["forwards"][:2] == [2, 2]
-        if comm_chunks == 1:
-            assert r["forwards"][2] == 4  # each MoE layer redone once in backward
+        # each MoE layer redone once in backward, however many chunks its rows travel in
+        assert r["forwards"] == [2, 2, 4]
 
 
 def test_eval_and_no_grad_forward_do_not_checkpoint():

@@ -58,6 +58,10 @@ def _start(out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, group):
     )
 
 
+def _keep_saved_tensors():
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
 class _PipelinedExperts(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -83,7 +87,10 @@ class _PipelinedExperts(torch.autograd.Function):
             recv.append(ex.recv(j))
             x_RD = recv_bufs[j].index_select(0, recv[j].rows.to(rows_AD.device))
             x_RD = x_RD.detach().requires_grad_(grad)
-            with torch.set_grad_enabled(grad):
+            # The chunk's own graph keeps its tensors: under moe.recompute=block the block's
+            # checkpoint hooks would otherwise make every per-chunk autograd.grad in backward
+            # rerun the whole block (once per chunk instead of once).
+            with torch.set_grad_enabled(grad), _keep_saved_tensors():
                 y_RD = experts(x_RD, recv[j].counts_e) if x_RD.shape[0] else None
             ins.append(x_RD)
             outs.append(y_RD)
