@@ -207,12 +207,12 @@ class Arm:
     name: str
     engine: object  # XparEngine or DeepSpeed's engine: both are called, backward(), step()
     model: nn.Module
-    times: dict  # phase -> [seconds per step, one per round]
+    times: dict  # phase -> [seconds per step, one per round]; "first": the first step
     losses: list
     error: str = ""
 
 
-PHASES = ("step", "forward", "moe_forward", "backward", "optimizer")
+PHASES = ("step", "forward", "moe_forward", "backward", "moe_backward", "optimizer", "first")
 
 
 def _arm(name: str, build: Callable[[], tuple]) -> Arm:
@@ -241,28 +241,47 @@ def _batches(p: Preset, rank: int, device) -> list[torch.Tensor]:
 
 
 class _MoETimer:
-    """Wall time inside the MoE layers' forward (pre/post hooks on each block's FFN)."""
+    """Wall time inside the MoE layers, forward (pre/post hooks on each block's FFN) and
+    backward: from the gradient of the layer's output to that of its input (tensor hooks);
+    between the two only the layer's own backward runs (the block's residual branch needs
+    the input's gradient first)."""
 
     def __init__(self, model: nn.Module, sync: Callable[[], None]):
-        self.total, self._t0, self.sync = 0.0, 0.0, sync
+        self.forward = self.backward = self._t0 = self._b0 = 0.0
+        self.sync = sync
         for block in model.blocks:
             if block.is_moe:
                 block.ffn.register_forward_pre_hook(self._pre)
                 block.ffn.register_forward_hook(self._post)
 
+    def reset(self) -> None:
+        self.forward = self.backward = 0.0
+
     def _pre(self, *_):
         self.sync()
         self._t0 = time.perf_counter()
 
-    def _post(self, *_):
+    def _post(self, module, args, output):
         self.sync()
-        self.total += time.perf_counter() - self._t0
+        self.forward += time.perf_counter() - self._t0
+        x, y = args[0], output[0]
+        if torch.is_grad_enabled() and x.requires_grad and y.requires_grad:
+            y.register_hook(self._grad_out)
+            x.register_hook(self._grad_in)
+
+    def _grad_out(self, grad):
+        self.sync()
+        self._b0 = time.perf_counter()
+
+    def _grad_in(self, grad):
+        self.sync()
+        self.backward += time.perf_counter() - self._b0
 
 
 def _train_step(arm: Arm, tokens_BL1: torch.Tensor, sync, timer: _MoETimer) -> dict:
     """One optimizer step (forward, LM loss + aux, backward, step), each phase timed."""
     t0 = time.perf_counter()
-    timer.total = 0.0
+    timer.reset()
     inputs, targets = tokens_BL1[:, :-1], tokens_BL1[:, 1:]
     logits_BLV, auxes = arm.engine(inputs)
     ce = F.cross_entropy(logits_BLV.float().flatten(0, 1), targets.flatten())
@@ -276,7 +295,8 @@ def _train_step(arm: Arm, tokens_BL1: torch.Tensor, sync, timer: _MoETimer) -> d
     sync()
     t3 = time.perf_counter()
     arm.losses.append(ce.item())
-    return {"step": t3 - t0, "forward": t1 - t0, "moe_forward": timer.total,
+    return {"step": t3 - t0, "forward": t1 - t0, "moe_forward": timer.forward,
+            "moe_backward": timer.backward,
             "backward": t2 - t1, "optimizer": t3 - t2}  # fmt: skip
 
 
@@ -426,7 +446,10 @@ def _measure(arms: list[Arm], batches, args, device) -> None:
         for arm in live:
             timer = timers[arm.name]
             try:
+                t0 = time.perf_counter()
                 _train_step(arm, batches[i % POOL], sync, timer)  # untimed
+                if not arm.times["first"]:  # compilation, lazily built state: once per arm
+                    arm.times["first"].append(time.perf_counter() - t0)
             except Exception as e:  # compilation happens here: report it, keep the others
                 arm.error, arm.engine = _one_line(e), None
                 dist.barrier()
@@ -434,14 +457,14 @@ def _measure(arms: list[Arm], batches, args, device) -> None:
             i += 1
             sync()
             dist.barrier()
-            per = {k: 0.0 for k in PHASES}
+            per = {k: 0.0 for k in PHASES[:-1]}
             for _ in range(args.steps):
                 got = _train_step(arm, batches[i % POOL], sync, timer)
                 i += 1
-                for k in PHASES:
+                for k in PHASES[:-1]:
                     per[k] += got[k] / args.steps
             dist.barrier()
-            for k in PHASES:
+            for k in PHASES[:-1]:
                 arm.times[k].append(per[k])
         live = [a for a in live if a.engine is not None]
 
@@ -490,15 +513,15 @@ def _format(table: dict, p: Preset, args, world: int, device) -> str:
         f"[{p.d_model}x{p.d_ff}] GEMM, this run)",
         "",
         "| arm | step ms | tokens/s | vs DeepSpeed | MFU | fwd ms | of it MoE ms | bwd ms "
-        "| optimizer ms | last loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| of it MoE ms | optimizer ms | first step s | last loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     arms = table["arms"]
     ds = arms.get("deepspeed", {})
     ds_tps = world * tokens / ds["step"] if ds.get("step") else 0.0
     for name, m in arms.items():
         if m["error"] or not m["step"]:
-            lines.append(f"| {name} | failed: {m['error'] or 'no steps'} |" + " |" * 8)
+            lines.append(f"| {name} | failed: {m['error'] or 'no steps'} |" + " |" * 10)
             continue
         tps = world * tokens / m["step"]
         ratio = f"{tps / ds_tps:.2f}x" if ds_tps and name != "deepspeed" else "1.00x"
@@ -506,7 +529,8 @@ def _format(table: dict, p: Preset, args, world: int, device) -> str:
         lines.append(
             f"| {name} | {m['step'] * 1e3:.1f} | {tps:,.0f} | {ratio} | {mfu:.1%} | "
             f"{m['forward'] * 1e3:.1f} | {m['moe_forward'] * 1e3:.1f} | "
-            f"{m['backward'] * 1e3:.1f} | {m['optimizer'] * 1e3:.1f} | {m['loss']:.4f} |"
+            f"{m['backward'] * 1e3:.1f} | {m['moe_backward'] * 1e3:.1f} | "
+            f"{m['optimizer'] * 1e3:.1f} | {m['first']:.1f} | {m['loss']:.4f} |"
         )
     lines += ["", _verdict(arms, world * tokens, ds_tps)]
     return "\n".join(lines)
