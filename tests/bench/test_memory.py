@@ -2,7 +2,7 @@
 
 import torch
 
-from xpar.bench.memory import peak_bytes
+from xpar.bench.memory import memory_use, peak_bytes
 
 
 def test_peak_is_the_live_tensors_at_the_worst_moment():
@@ -20,3 +20,15 @@ def test_peak_is_the_live_tensors_at_the_worst_moment():
     n = 512 * 256 * 4
     assert peak_bytes(kept) == 2 * n
     assert n <= peak_bytes(freed) < 2 * n
+
+
+def test_kept_is_what_the_call_still_holds_when_it_returns():
+    w = torch.randn(64, 256)
+    x = torch.randn(512, 64)
+    n = 512 * 256 * 4
+
+    def one_kept():
+        h = x @ w
+        return torch.relu(h)  # h freed on return
+
+    assert memory_use(one_kept) == (2 * n, n)

@@ -269,15 +269,17 @@ def _measure(args: argparse.Namespace, device, dtype, world: int) -> list:
 
 
 def _memory(rows: list[Row], device, dtype) -> dict:
-    """{row: (peak bytes, peak bytes with moe.recompute=experts)} of xpar's capacity step on
-    this rank, the larger over ranks."""
-    from xpar.bench.memory import peak_bytes
+    """{row: (kept, kept with moe.recompute=experts, peak, peak with it)}: what xpar's
+    capacity forward holds for backward, and the fwd+bwd peak, on the rank that holds most.
+    A model of many blocks holds every block's `kept` at once: that is what recompute cuts
+    (one layer's own backward still rebuilds its activations, so its peak barely moves)."""
+    from xpar.bench.memory import memory_use
 
     out = {}
     for row in rows:
         torch.manual_seed(1234 + dist.get_rank())
         x = torch.randn(row.tokens, row.d_model, device=device, dtype=dtype, requires_grad=True)
-        peaks = []
+        kept, peak = [], []
         for recompute in ("none", "experts"):
             layer = _xpar_layer(row, CAPACITY_FACTOR, device, dtype, recompute=recompute)
 
@@ -285,12 +287,15 @@ def _memory(rows: list[Row], device, dtype) -> dict:
                 _step(lambda h: m(h)[0], x)
 
             step()  # warm: the shape check's collective, lazily built state
-            # Free the warm step's gradients outside the profiled call, which counts their
-            # allocation again (and cannot see a free of what it never saw allocated).
+            # Free the warm step's gradients outside the profiled calls, which would count
+            # their allocation again (and cannot see a free of what they never saw allocated).
             x.grad = None
             layer.zero_grad(set_to_none=True)
-            peaks.append(peak_bytes(step, device))
-        t = torch.tensor(peaks, dtype=torch.float64)
+            y = memory_use(lambda m=layer, x=x: m(x)[0], device)[1]
+            kept.append(y)
+            peak.append(memory_use(step, device)[0])
+            x.grad = None
+        t = torch.tensor(kept + peak, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out[id(row)] = tuple(int(v) for v in t.tolist())
     return out
@@ -342,7 +347,11 @@ def _format(
 ) -> str:
     thr = torch.get_num_threads()
     state = "one core busy (--contended)" if busy else "quiet"
-    mem_head = " peak MB | peak MB recompute=experts |" if memory else ""
+    mem_head = (
+        " fwd kept MB | kept, recompute=experts | fwd+bwd peak MB | peak, recompute=experts |"
+        if memory
+        else ""
+    )
     lines = [
         f"MoE layer fwd+bwd, {world} ranks, EP={world}, {device.type} {dtype}, "
         f"{thr} thread(s)/rank, capacity_factor={CAPACITY_FACTOR} (capacity rows), "
@@ -351,14 +360,13 @@ def _format(
         "| E | k | d_model | d_ff | tokens/rank | xpar cap ms | xpar dropless ms | DeepSpeed ms "
         "| bound ms | xpar cap tok/s | DS tok/s | DS/xpar cap | xpar cap/bound | "
         f"xpar dropless/bound |{mem_head}",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * bool(memory)),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (4 * bool(memory)),
     ]
     for row, m in table:
         cap, dl, ds, bd = (m["xpar_capacity"], m["xpar_dropless"], m["deepspeed"], m["bound"])
         mem = ""
         if memory:
-            none, experts = memory[id(row)]
-            mem = f" {none / 2**20:.1f} | {experts / 2**20:.1f} |"
+            mem = "".join(f" {v / 2**20:.1f} |" for v in memory[id(row)])
         lines.append(
             f"| {row.E} | {row.k} | {row.d_model} | {row.d_ff} | {row.tokens} | {cap * 1e3:.1f} | "
             f"{dl * 1e3:.1f} | {ds * 1e3:.1f} | {bd * 1e3:.1f} | {row.tokens / cap:,.0f} | "
