@@ -185,6 +185,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--contended", action="store_true",
                     help="also run every row while a process started by the benchmark burns "
                     "one core, and report both tables (default: quiet only)")  # fmt: skip
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile xpar's capacity step per row and rank: rows its experts "
+                    "computed vs the bound's T*k, and time in GEMMs, the activation, the "
+                    "exchanges (waiting included) and the rest (routing, permutation)")  # fmt: skip
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory measurement of xpar's step with and without "
                     "moe.recompute=experts (it profiles one step per row)")  # fmt: skip
@@ -233,6 +237,7 @@ def _run(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     quiet = _measure(args, device, dtype, world)
     memory = _memory(args.rows, device, dtype) if args.memory else None
+    breakdown = _breakdown(args.rows, device, dtype) if args.breakdown else None
     contended = None
     if args.contended:
         with _burner(int(os.environ.get("LOCAL_RANK", rank)) == 0):
@@ -241,6 +246,8 @@ def _run(args: argparse.Namespace) -> None:
         print(_format(quiet, world, device, args.dtype, memory=memory), flush=True)
         if contended is not None:
             print("\n" + _format(contended, world, device, args.dtype, busy=True), flush=True)
+        if breakdown is not None:
+            print("\n" + breakdown, flush=True)
         print("\n" + _verdicts(quiet, contended), flush=True)
     dist.barrier()
     dist.destroy_process_group()
@@ -299,6 +306,67 @@ def _memory(rows: list[Row], device, dtype) -> dict:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         out[id(row)] = tuple(int(v) for v in t.tolist())
     return out
+
+
+# Profiler op names -> where xpar's step spends its time (self time; the rest is routing,
+# permutation, the combine's scatter and autograd bookkeeping).
+_PARTS = {
+    "GEMM": ("aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm"),
+    "activation": ("aten::gelu", "aten::gelu_backward"),
+    "exchange": ("_AllToAll", "_AllToAllBackward", "c10d::alltoall_base_", "_PipelinedExperts"),
+}
+
+
+def _breakdown(rows: list[Row], device, dtype, steps: int = 3) -> str:
+    """Where xpar's capacity step goes, per row and rank (ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lines = [
+        "xpar capacity step, profiled (ms per step, self time; exchange includes waiting "
+        "for the other rank)",
+        "",
+        "| E | k | tokens/rank | rank | rows computed / T*k | GEMM | activation | exchange "
+        "| rest | total |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        torch.manual_seed(1234 + rank)
+        layer = _xpar_layer(row, CAPACITY_FACTOR, device, dtype)
+        x = torch.randn(row.tokens, row.d_model, device=device, dtype=dtype, requires_grad=True)
+        computed: list[int] = []
+
+        def count(module, args, seen=computed):
+            seen.append(args[0].shape[0])
+
+        def fn(h, m=layer):
+            return m(h)[0]
+
+        layer.experts.register_forward_pre_hook(count)
+        _step(fn, x)
+        computed.clear()
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                _step(fn, x)
+        ms = dict.fromkeys(_PARTS, 0.0)
+        total = 0.0
+        for ev in prof.key_averages():
+            t = ev.self_cpu_time_total / 1e3 / steps
+            total += t
+            for part, names in _PARTS.items():
+                if ev.key in names:
+                    ms[part] += t
+        mine = [sum(computed) / steps / (row.tokens * row.k), *ms.values(), total]
+        everyone = [torch.empty(len(mine), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(everyone, torch.tensor(mine, dtype=torch.float64))
+        for r, v in enumerate(everyone):
+            imb, gemm, act, exch, tot = v.tolist()
+            lines.append(
+                f"| {row.E} | {row.k} | {row.tokens} | {r} | {imb:.2f} | {gemm:.1f} | {act:.1f} "
+                f"| {exch:.1f} | {tot - gemm - act - exch:.1f} | {tot:.1f} |"
+            )
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
