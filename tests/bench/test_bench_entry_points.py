@@ -44,7 +44,7 @@ def test_an_option_first_means_moe():
 
 
 def test_moe_outside_torchrun_is_one_line_naming_the_fix():
-    for args in ([], ["moe"], ["--rows", "1"]):
+    for args in ([], ["moe"], ["--rows", "1"], ["dispatch"]):
         p = _run("-m", "xpar.bench", *args)
         assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
         assert p.stderr.count("\n") == 1, p.stderr

@@ -27,6 +27,16 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
         "under torchrun",
         "the whole training step: xpar vs DeepSpeed's MoE in the same decoder",
     ),
+    "dispatch": (
+        "xpar.bench.dispatch",
+        "under torchrun",
+        "EP exchange: counts vs padded, comm_chunks 1/2/4 (the auto rules' figures)",
+    ),
+    "expert_gemm": (
+        "xpar.bench.expert_gemm",
+        "plain python",
+        "expert GEMM paths: loop vs grouped vs padded (moe.expert_gemm=auto's figures)",
+    ),
     "quality": (
         "xpar.bench.quality",
         "plain python",
@@ -47,7 +57,9 @@ EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    listed = "\n".join(f"  {name:<9} {what} ({how})" for name, (_, how, what) in BENCHMARKS.items())
+    listed = "\n".join(
+        f"  {name:<12} {what} ({how})" for name, (_, how, what) in BENCHMARKS.items()
+    )
     ap = argparse.ArgumentParser(
         prog="python -m xpar.bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,

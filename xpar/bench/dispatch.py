@@ -1,6 +1,6 @@
 """Expert-parallel exchange: counts vs padded, and comm_chunks 1/2/4, on the MoE layer.
 
-`torchrun --standalone --nproc-per-node 2 -m xpar.bench.dispatch [--iters 10]`
+`torchrun --standalone --nproc-per-node 2 -m xpar.bench dispatch [--iters 10]`
 
 For each benchmark shape, every arm (moe.exchange x moe.comm_chunks, capacity factor
 1.25) runs the layer's forward + backward on the same tokens; arms are interleaved
@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
+from xpar.bench.torchrun import help_on_other_ranks, require_torchrun
 from xpar.moe import MoEConfig, MoELayer
 
 # (name, E, k, D, F, tokens per rank)
@@ -90,11 +92,16 @@ def _a2a_figures(iters=50):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m xpar.bench.dispatch", description=__doc__)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--capacity-factor", type=float, default=1.25)
+    ap = argparse.ArgumentParser(prog="python -m xpar.bench dispatch", description=__doc__)
+    ap.add_argument("--iters", type=int, default=10,
+                    help="timed steps per arm and shape; the median is reported (default: 10)")  # fmt: skip
+    ap.add_argument("--capacity-factor", type=float, default=1.25,
+                    help="the capacity factor of the routed rows (default: 1.25)")  # fmt: skip
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    help_on_other_ranks(argv)
     args = ap.parse_args(argv)
+    require_torchrun(ap.prog, "dispatch")
     torch.set_num_threads(int(os.environ.get("XPAR_BENCH_THREADS", "1")))
     dist.init_process_group("gloo")
     rank0 = dist.get_rank() == 0

@@ -78,11 +78,13 @@ def measure(shape, skewed: bool, rounds: int, dtype, activation: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m xpar.bench.expert_gemm", description=__doc__)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--activation", default="gelu")
+    p = argparse.ArgumentParser(prog="python -m xpar.bench expert_gemm", description=__doc__)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds; the median is reported (default: 3)")  # fmt: skip
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and rows (default: float32)")  # fmt: skip
+    p.add_argument("--activation", default="gelu", help="expert activation (default: gelu)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

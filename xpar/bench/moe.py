@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xpar.bench.torchrun import help_on_other_ranks, require_torchrun
 from xpar.moe import MoEConfig, MoELayer
 from xpar.moe.experts import expert_mlp
 
@@ -195,27 +196,11 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def require_torchrun() -> None:
-    """Exit 2 with one line naming the fix unless torchrun (or srun) started this process."""
-    # Checked before deepspeed is imported: outside torchrun it fails on mpi4py, far from here.
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-        return
-    print(
-        f"{PROG} needs torchrun (one process per rank; WORLD_SIZE and RANK are not set): "
-        "torchrun --standalone --nproc-per-node 2 -m xpar.bench moe [options], "
-        "or bash launch/dev.sh bench [options]",
-        file=sys.stderr,
-        flush=True,
-    )
-    raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("RANK", "0") != "0" and {"-h", "--help"} & set(argv):
-        raise SystemExit(0)  # under torchrun: rank 0 prints the help, once
+    help_on_other_ranks(argv)
     args = _parser().parse_args(argv)
-    require_torchrun()
+    require_torchrun(PROG, "moe")
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"{PROG}: --device cuda but torch sees no GPU; use --device cpu", file=sys.stderr)
         raise SystemExit(2)
