@@ -7,6 +7,7 @@
   import    read a Hugging Face Mixtral / Qwen-MoE directory into an xpar checkpoint
             (xpar.interop.hf_import)
   bench     run one of the benchmarks (xpar.bench; `xpar bench --help` lists them)
+  plan      memory per rank and all-to-all bytes of a config on a cluster (xpar.plan)
 
 Each command's module is imported only when it runs, so `xpar generate` pays for neither
 Hydra nor DeepSpeed.
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "xpar.bench.__main__",
         "run a benchmark (moe under torchrun, attention, quality, startup)",
     ),
+    "plan": ("xpar.plan.cli", "memory per rank and all-to-all bytes on a cluster"),
 }
 
 

@@ -48,7 +48,14 @@ def check(overrides: Sequence[str], world_size: int | None = None):
     """Compose and validate as the trainer would; raise XparConfigError on a mistake."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", XparConfigWarning)
-        return compose_config(list(overrides), world_size=world_size)
+        cfg = compose_config(list(overrides), world_size=world_size)
+    if cfg.train.plan_only:
+        raise XparConfigError(
+            "train.plan_only=true: this config is for `xpar plan` only (a model far too big "
+            "for this machine); plan it with `xpar plan <overrides> --gpus N`, or set "
+            "train.plan_only=false to train it anyway"
+        )
+    return cfg
 
 
 def check_start_or_exit(overrides: Sequence[str], world_size: int | None = None) -> None:

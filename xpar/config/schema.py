@@ -239,6 +239,8 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite or diverged steps before the run stops
     max_loss: float = 0.0  # a loss above this is a diverged step; 0 = 4 x ln(vocab size)
     compile: bool = False
+    # A config for `xpar plan` only (too big to train here): training refuses it.
+    plan_only: bool = False
     # A frozen teacher's soft targets in the loss (teacher "" = off).
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -267,6 +269,7 @@ class TrainConfig:
             raise bad(prefix, "out_dir", self.out_dir, "name an output directory, e.g. outputs/x")
         for name in ("deterministic", "overwrite", "noop_ok", "print_config", "verbose", "compile"):
             need_bool(prefix, self, name)
+        need_bool(prefix, self, "plan_only")
         need_number(prefix, self, "max_time_s", 0, "use seconds >= 0 (0 = no limit)")
         need_int(prefix, self, "max_bad_steps", 1, "stop after n >= 1 consecutive bad steps")
         need_number(prefix, self, "max_loss", 0, "use a loss bound > 0, or 0 (4 x ln(vocab))")
