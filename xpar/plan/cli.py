@@ -89,7 +89,7 @@ def compose_for_plan(overrides: list[str], world_size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         plan, _ = plan_from_args(args)
     except XparConfigError as e:
