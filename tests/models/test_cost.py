@@ -15,6 +15,7 @@ from xpar.models.cost import (
 )
 from xpar.models.transformer import MoETransformer
 from xpar.moe import MoEConfig, MoELayer
+from xpar.moe.expert_gemm import FLOP_FORMULAS
 
 
 def tiny(**kw) -> ModelConfig:
@@ -101,7 +102,9 @@ def test_expert_choice_active_uses_capacity_factor():
 def measured_train_flops(model: torch.nn.Module, tokens: torch.Tensor, vocab: int) -> int:
     # The math SDPA backend is built from bmm, which FlopCounterMode counts (full L x L);
     # the fused CPU kernel is not counted at all.
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    # The grouped expert GEMMs (moe.expert_gemm=grouped) are counted with our formula.
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with sdpa_kernel(SDPBackend.MATH), counter:
         logits, aux = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
         loss = loss + sum((a.loss for a in aux), torch.zeros(()))
