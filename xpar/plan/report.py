@@ -86,5 +86,6 @@ def _what_fits(plan: Plan) -> str:
                 options.append((z.total_bytes + a.total, s, a.micro_batch, a.recompute))
     if not options:
         return ""
-    _, s, mb, rc = min(options, key=lambda o: (-o[2], o[0]))
+    # The largest micro-batch, then the least recomputation (it costs compute), then memory.
+    _, s, mb, rc = min(options, key=lambda o: (-o[2], RECOMPUTES.index(o[3]), o[0]))
     return f"parallel.zero_stage={s} train.micro_batch_size={mb} moe.recompute={rc}"
