@@ -66,8 +66,9 @@ class _DenseMLP(nn.Module):
         return expert_mlp(x, self.w1, self.w2, None, "gelu")
 
 
-class _DSExpert(nn.Module):
-    """The same expert MLP shape, as DeepSpeed's MoE wants an nn.Module per expert."""
+class DSExpert(nn.Module):
+    """One expert MLP (gelu, no biases) as DeepSpeed's MoE wants it: an nn.Module it
+    deep-copies per expert (also the step benchmark's)."""
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -95,7 +96,7 @@ def _build(row: Row, world: int, device, dtype):
 
     ds = MoE(
         hidden_size=row.d_model,
-        expert=_DSExpert(row.d_model, row.d_ff),
+        expert=DSExpert(row.d_model, row.d_ff),
         num_experts=row.E,
         ep_size=world,
         k=row.k,

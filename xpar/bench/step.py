@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from xpar.bench.moe import DSExpert as _DSExpert
 from xpar.bench.torchrun import help_on_other_ranks, require_torchrun
 from xpar.models.config import ModelConfig
 from xpar.moe import MoEConfig
@@ -84,18 +85,6 @@ class DeepSpeedAux:
     """What the decoder's loss reads of an MoE layer's report: the weighted balance loss."""
 
     loss: torch.Tensor
-
-
-class _DSExpert(nn.Module):
-    """One expert MLP as DeepSpeed's MoE wants it: an nn.Module it deep-copies per expert."""
-
-    def __init__(self, d_model: int, d_ff: int):
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff, bias=False)
-        self.fc2 = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class DeepSpeedMoEFFN(nn.Module):
