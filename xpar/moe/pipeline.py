@@ -58,6 +58,13 @@ def _start(out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits, group):
     )
 
 
+def _start_back(rows_RD: torch.Tensor, sent, got, n_recv: int, recv_splits, group):
+    """Chunk j's rows (expert outputs in forward, input gradients in backward) start back
+    to the ranks they came from: (the buffer they land in, the pending exchange)."""
+    buf = rows_RD.new_empty(sent.size, rows_RD.shape[1])
+    return buf, _start(buf, _spread(rows_RD, got, n_recv), sent.splits, recv_splits, group)
+
+
 def _keep_saved_tensors():
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
@@ -95,16 +102,11 @@ class _PipelinedExperts(torch.autograd.Function):
             ins.append(x_RD)
             outs.append(y_RD)
             y = y_RD.detach() if y_RD is not None else x_RD.detach()
-            back.append(rows_AD.new_empty(send[j].size, D))
-            back_works.append(
-                _start(
-                    back[j],
-                    _spread(y, recv[j], recv_bufs[j].shape[0]),
-                    send[j].splits,
-                    recv_splits[j],
-                    group,
-                )
+            buf, work = _start_back(
+                y, send[j], recv[j], recv_bufs[j].shape[0], recv_splits[j], group
             )
+            back.append(buf)
+            back_works.append(work)
         out_AD = rows_AD.new_empty(rows_AD.shape)
         for j in range(n):
             with marks.back:
@@ -147,16 +149,11 @@ class _PipelinedExperts(torch.autograd.Function):
                 for acc, g in zip(g_params, got[1:], strict=True):
                     if g is not None:
                         acc += g
-            back.append(grad_AD.new_empty(send[j].size, D))
-            back_works.append(
-                _start(
-                    back[j],
-                    _spread(g_x, recv[j], recv_bufs[j].shape[0]),
-                    send[j].splits,
-                    ctx.recv_splits[j],
-                    group,
-                )
+            buf, work = _start_back(
+                g_x, send[j], recv[j], recv_bufs[j].shape[0], ctx.recv_splits[j], group
             )
+            back.append(buf)
+            back_works.append(work)
         ctx.ins = ctx.outs = None  # free the chunks' graphs as soon as they are used
         g_rows_AD = grad_AD.new_empty(grad_AD.shape)
         for j in range(n):
